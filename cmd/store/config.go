@@ -1,0 +1,112 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// config is everything the store reads at startup. Every field has a flag
+// and an environment variable; the flag wins when both are set.
+type config struct {
+	// listen is the HTTP address, host:port.
+	listen string
+	// dataDir holds the bbolt file.
+	dataDir string
+	// maxValueBytes bounds one JSON value.
+	maxValueBytes int64
+	// nodeID names this node (the pod name in Kubernetes).
+	nodeID string
+	// logLevel and logFormat shape the slog output.
+	logLevel  slog.Level
+	logFormat string
+	// shutdownTimeout bounds the HTTP drain on SIGTERM.
+	shutdownTimeout time.Duration
+	// showVersion prints the version and exits.
+	showVersion bool
+}
+
+// errUsage marks errors that are the operator's to fix (bad flag or env);
+// main exits 2 on them, as flag.ExitOnError would.
+var errUsage = errors.New("invalid configuration")
+
+// envFor maps each flag to its environment fallback.
+var envFor = map[string]string{
+	"listen":           "STORE_LISTEN",
+	"data-dir":         "STORE_DATA_DIR",
+	"max-value-bytes":  "STORE_MAX_VALUE_BYTES",
+	"node-id":          "POD_NAME",
+	"log-level":        "STORE_LOG_LEVEL",
+	"log-format":       "STORE_LOG_FORMAT",
+	"shutdown-timeout": "STORE_SHUTDOWN_TIMEOUT",
+}
+
+// parseConfig reads flags from args and fallbacks from getenv, applies
+// defaults and validates. Errors name the flag (and its variable).
+func parseConfig(args []string, getenv func(string) string, hostname string, stderr io.Writer) (config, error) {
+	fs := flag.NewFlagSet("store", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var (
+		c               config
+		maxValue        string
+		level, shutdown string
+	)
+	fs.StringVar(&c.listen, "listen", ":8080", "HTTP listen address `host:port` (env STORE_LISTEN)")
+	fs.StringVar(&c.dataDir, "data-dir", "data", "`directory` for the bbolt file (env STORE_DATA_DIR)")
+	fs.StringVar(&maxValue, "max-value-bytes", "1048576", "largest JSON value accepted, in `bytes` (env STORE_MAX_VALUE_BYTES)")
+	fs.StringVar(&c.nodeID, "node-id", hostname, "this node's `name`; the pod name in Kubernetes (env POD_NAME)")
+	fs.StringVar(&level, "log-level", "info", "debug, info, warn or error; debug logs every request (env STORE_LOG_LEVEL)")
+	fs.StringVar(&c.logFormat, "log-format", "json", "json or text (env STORE_LOG_FORMAT)")
+	fs.StringVar(&shutdown, "shutdown-timeout", "20s", "how long SIGTERM waits for in-flight requests (env STORE_SHUTDOWN_TIMEOUT)")
+	fs.BoolVar(&c.showVersion, "version", false, "print the version and exit")
+	if err := fs.Parse(args); err != nil {
+		return config{}, fmt.Errorf("%w: %w", errUsage, err)
+	}
+	if fs.NArg() > 0 {
+		return config{}, fmt.Errorf("%w: unexpected argument %q; every setting is a --flag", errUsage, fs.Arg(0))
+	}
+	// Environment fallbacks apply only to flags not given on the command line.
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	for name, env := range envFor {
+		if v := getenv(env); v != "" && !set[name] {
+			if err := fs.Set(name, v); err != nil {
+				return config{}, fmt.Errorf("%w: %s=%q: %w", errUsage, env, v, err)
+			}
+		}
+	}
+
+	bad := func(name, format string, a ...any) error {
+		return fmt.Errorf("%w: --%s (env %s): %s", errUsage, name, envFor[name], fmt.Sprintf(format, a...))
+	}
+	if _, port, err := net.SplitHostPort(c.listen); err != nil || port == "" {
+		return config{}, bad("listen", "%q is not host:port (e.g. :8080 or 127.0.0.1:8080)", c.listen)
+	}
+	if strings.TrimSpace(c.dataDir) == "" {
+		return config{}, bad("data-dir", "must not be empty")
+	}
+	n, err := strconv.ParseInt(maxValue, 10, 64)
+	if err != nil || n < 1 || n > 64<<20 {
+		return config{}, bad("max-value-bytes", "%q must be an integer from 1 to %d (64 MiB)", maxValue, 64<<20)
+	}
+	c.maxValueBytes = n
+	if c.nodeID == "" {
+		return config{}, bad("node-id", "must not be empty")
+	}
+	if err := c.logLevel.UnmarshalText([]byte(level)); err != nil {
+		return config{}, bad("log-level", "%q is not one of debug, info, warn, error", level)
+	}
+	if c.logFormat != "json" && c.logFormat != "text" {
+		return config{}, bad("log-format", "%q is not json or text", c.logFormat)
+	}
+	if c.shutdownTimeout, err = time.ParseDuration(shutdown); err != nil || c.shutdownTimeout <= 0 {
+		return config{}, bad("shutdown-timeout", "%q is not a positive duration such as 20s", shutdown)
+	}
+	return c, nil
+}

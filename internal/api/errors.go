@@ -1,0 +1,110 @@
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+
+	"github.com/statefulkv/store/internal/storage"
+)
+
+// Client errors raised by the HTTP layer itself. Each is wrapped with a
+// precise message (fmt.Errorf("%w: ...")) and mapped to a status and a stable
+// code in errorTable.
+var (
+	errInvalidKey          = errors.New("invalid key")
+	errInvalidJSON         = errors.New("invalid JSON")
+	errValueTooLarge       = errors.New("value too large")
+	errUnsupportedMedia    = errors.New("unsupported content type")
+	errInvalidParameter    = errors.New("invalid query parameter")
+	errInvalidPrecondition = errors.New("invalid precondition header")
+	errRouteNotFound       = errors.New("no such route")
+	errMethodNotAllowed    = errors.New("method not allowed")
+	errNotReady            = errors.New("not ready")
+)
+
+// errorTable is the one place where errors become HTTP statuses and the
+// stable machine-readable codes documented in the README. Order matters only
+// in that the first match wins.
+var errorTable = []struct {
+	err    error
+	status int
+	code   string
+}{
+	{errInvalidKey, http.StatusBadRequest, "invalid_key"},
+	{errInvalidJSON, http.StatusBadRequest, "invalid_json"},
+	{errInvalidParameter, http.StatusBadRequest, "invalid_parameter"},
+	{errInvalidPrecondition, http.StatusBadRequest, "invalid_precondition"},
+	{errRouteNotFound, http.StatusNotFound, "route_not_found"},
+	{storage.ErrNotFound, http.StatusNotFound, "key_not_found"},
+	{errMethodNotAllowed, http.StatusMethodNotAllowed, "method_not_allowed"},
+	{storage.ErrConditionFailed, http.StatusPreconditionFailed, "condition_failed"},
+	{errValueTooLarge, http.StatusRequestEntityTooLarge, "value_too_large"},
+	{errUnsupportedMedia, http.StatusUnsupportedMediaType, "unsupported_media_type"},
+	{errNotReady, http.StatusServiceUnavailable, "not_ready"},
+	{storage.ErrClosed, http.StatusServiceUnavailable, "shutting_down"},
+	// The client went away or its deadline passed while the write was queued:
+	// it may or may not have been committed.
+	{context.Canceled, http.StatusGatewayTimeout, "outcome_unknown"},
+	{context.DeadlineExceeded, http.StatusGatewayTimeout, "outcome_unknown"},
+}
+
+// errorBody is the JSON shape of every 4xx/5xx response.
+type errorBody struct {
+	Error errorDetail `json:"error"`
+}
+
+type errorDetail struct {
+	Code    string `json:"code"`
+	Message string `json:"message"`
+	// CurrentVersion accompanies condition_failed when the key exists.
+	CurrentVersion string `json:"current_version,omitempty"`
+}
+
+// classify maps err to its status and code; unknown errors are 500s.
+func classify(err error) (int, string) {
+	for _, row := range errorTable {
+		if errors.Is(err, row.err) {
+			return row.status, row.code
+		}
+	}
+	return http.StatusInternalServerError, "internal"
+}
+
+// writeError writes err as the JSON error body. 500s hide their message from
+// the client (it may name files or internals) and are logged instead.
+func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
+	status, code := classify(err)
+	d := errorDetail{Code: code, Message: err.Error()}
+	var ce *storage.ConditionError
+	if errors.As(err, &ce) {
+		d.Message = ce.Error() // without the storage-internal prefixes
+		if !ce.Current.IsZero() {
+			d.CurrentVersion = ce.Current.String()
+			w.Header().Set("ETag", etag(ce.Current))
+		}
+	}
+	if status >= 500 {
+		s.log.ErrorContext(r.Context(), "request failed", "method", r.Method, "path", r.URL.Path, "status", status, "err", err)
+		if status == http.StatusInternalServerError {
+			d.Message = "internal error; see the server log"
+		}
+	}
+	if status == http.StatusServiceUnavailable {
+		w.Header().Set("Retry-After", "1")
+	}
+	writeJSON(w, status, errorBody{Error: d})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		// Only our own fixed types are marshalled; this cannot happen.
+		http.Error(w, `{"error":{"code":"internal","message":"encode response"}}`, http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_, _ = w.Write(append(b, '\n'))
+}

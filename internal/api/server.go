@@ -1,0 +1,294 @@
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"strings"
+	"sync/atomic"
+
+	"github.com/go-chi/chi/v5"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/statefulkv/store/internal/storage"
+)
+
+// Store is what the HTTP layer needs from the local database. *storage.DB
+// implements it.
+type Store interface {
+	// Get returns the live entry or an error wrapping storage.ErrNotFound.
+	Get(key string) (storage.Entry, error)
+	// Scan lists live entries in key order; see storage.DB.Scan.
+	Scan(prefix, after string, limit int) ([]storage.Entry, bool, error)
+	// Apply durably applies a mutation; it returns only after fsync.
+	Apply(ctx context.Context, m storage.Mutation) (storage.Result, error)
+	// Size is the data file size in bytes.
+	Size() int64
+	// LastSeq is the highest sequence number assigned.
+	LastSeq() uint64
+}
+
+// Config configures a Server. Fields without a stated default are required.
+type Config struct {
+	// NodeID names this node in /v1/status and logs.
+	NodeID string
+	// BuildVersion is reported by /v1/status.
+	BuildVersion string
+	// Store holds the data.
+	Store Store
+	// MaxValueBytes bounds a value's size. Default 1 MiB.
+	MaxValueBytes int64
+	// Epoch stamps versions assigned by this node. Default 1, which is what a
+	// single node without election uses.
+	Epoch uint64
+	// Logger receives one line per request (debug) and per failure.
+	// Default: slog.Default().
+	Logger *slog.Logger
+	// Registerer and Gatherer back /metrics. Default: a private registry.
+	Registerer prometheus.Registerer
+	Gatherer   prometheus.Gatherer
+}
+
+// DefaultMaxValueBytes is the default --max-value-bytes.
+const DefaultMaxValueBytes = 1 << 20
+
+// Server is the HTTP API of one node.
+type Server struct {
+	cfg     Config
+	log     *slog.Logger
+	ready   atomic.Bool
+	handler http.Handler
+	metrics *httpMetrics
+}
+
+// New validates cfg and builds the server. It starts not ready; call
+// SetReady once the node can serve.
+func New(cfg Config) (*Server, error) {
+	if cfg.Store == nil {
+		return nil, errors.New("api: Config.Store is required")
+	}
+	if cfg.MaxValueBytes == 0 {
+		cfg.MaxValueBytes = DefaultMaxValueBytes
+	}
+	if cfg.MaxValueBytes < 0 {
+		return nil, fmt.Errorf("api: MaxValueBytes must be positive, got %d", cfg.MaxValueBytes)
+	}
+	if cfg.Epoch == 0 {
+		cfg.Epoch = 1
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Registerer == nil || cfg.Gatherer == nil {
+		reg := prometheus.NewRegistry()
+		cfg.Registerer, cfg.Gatherer = reg, reg
+	}
+	s := &Server{
+		cfg:     cfg,
+		log:     cfg.Logger.With("component", "api"),
+		metrics: newHTTPMetrics(cfg.Registerer),
+	}
+	s.handler = s.routes()
+	return s, nil
+}
+
+// SetReady flips /readyz. main sets it false first thing on shutdown so the
+// Service stops routing new clients here while in-flight requests drain.
+func (s *Server) SetReady(ready bool) { s.ready.Store(ready) }
+
+// ServeHTTP makes Server an http.Handler.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.handler.ServeHTTP(w, r) }
+
+func (s *Server) routes() http.Handler {
+	r := chi.NewRouter()
+	r.Use(s.instrument)
+	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
+		s.writeError(w, r, fmt.Errorf("%w: %s %s; the API lives under /v1/kv", errRouteNotFound, r.Method, r.URL.Path))
+	})
+	r.MethodNotAllowed(func(w http.ResponseWriter, req *http.Request) {
+		allowed := allowedMethods(r, req.URL.Path)
+		w.Header().Set("Allow", strings.Join(allowed, ", "))
+		s.writeError(w, req, fmt.Errorf("%w: %s on %s (allowed: %s)", errMethodNotAllowed, req.Method, req.URL.Path, strings.Join(allowed, ", ")))
+	})
+
+	r.Get("/healthz", s.healthz)
+	r.Get("/readyz", s.readyz)
+	r.Method(http.MethodGet, "/metrics", promhttp.HandlerFor(s.cfg.Gatherer, promhttp.HandlerOpts{}))
+	r.Get("/v1/status", s.status)
+
+	r.Get("/v1/kv", s.list)
+	r.Get("/v1/kv/*", s.get)
+	r.Put("/v1/kv/*", s.put)
+	r.Delete("/v1/kv/*", s.delete)
+	return r
+}
+
+// allowedMethods lists the methods routed for path, for the Allow header.
+func allowedMethods(routes chi.Routes, path string) []string {
+	var out []string
+	for _, m := range []string{http.MethodGet, http.MethodPut, http.MethodDelete} {
+		if routes.Match(chi.NewRouteContext(), m, path) {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+func (s *Server) healthz(w http.ResponseWriter, _ *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+}
+
+func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
+	if !s.ready.Load() {
+		s.writeError(w, r, fmt.Errorf("%w: node is starting or shutting down", errNotReady))
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
+}
+
+// statusBody is GET /v1/status.
+type statusBody struct {
+	Node      string `json:"node"`
+	Role      string `json:"role"`
+	Version   string `json:"version"`
+	Epoch     uint64 `json:"epoch"`
+	LastSeq   uint64 `json:"last_seq"`
+	DataBytes int64  `json:"data_bytes"`
+	Ready     bool   `json:"ready"`
+}
+
+func (s *Server) status(w http.ResponseWriter, _ *http.Request) {
+	writeJSON(w, http.StatusOK, statusBody{
+		Node:      s.cfg.NodeID,
+		Role:      "single",
+		Version:   s.cfg.BuildVersion,
+		Epoch:     s.cfg.Epoch,
+		LastSeq:   s.cfg.Store.LastSeq(),
+		DataBytes: s.cfg.Store.Size(),
+		Ready:     s.ready.Load(),
+	})
+}
+
+func (s *Server) get(w http.ResponseWriter, r *http.Request) {
+	key, err := keyFromPath(r)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	e, err := s.cfg.Store.Get(key)
+	if err != nil {
+		s.writeError(w, r, notFoundKey(err, key))
+		return
+	}
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("ETag", etag(e.Version))
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(e.Value)
+}
+
+// writeBody is the response to a successful PUT or DELETE.
+type writeBody struct {
+	Key     string `json:"key"`
+	Version string `json:"version"`
+	Created bool   `json:"created,omitempty"`
+	Deleted bool   `json:"deleted,omitempty"`
+}
+
+func (s *Server) put(w http.ResponseWriter, r *http.Request) {
+	key, err := keyFromPath(r)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	m := storage.Mutation{Key: key, Epoch: s.cfg.Epoch}
+	if err := conditions(r, &m); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	if m.Value, err = readValue(w, r, s.cfg.MaxValueBytes); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	res, err := s.cfg.Store.Apply(r.Context(), m)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	w.Header().Set("ETag", etag(res.Entry.Version))
+	status := http.StatusOK
+	if res.Created {
+		status = http.StatusCreated
+	}
+	writeJSON(w, status, writeBody{Key: key, Version: res.Entry.Version.String(), Created: res.Created})
+}
+
+func (s *Server) delete(w http.ResponseWriter, r *http.Request) {
+	key, err := keyFromPath(r)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	m := storage.Mutation{Key: key, Epoch: s.cfg.Epoch, Delete: true}
+	if err := conditions(r, &m); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	if m.IfAbsent {
+		s.writeError(w, r, fmt.Errorf("%w: If-None-Match: * cannot apply to DELETE", errInvalidPrecondition))
+		return
+	}
+	res, err := s.cfg.Store.Apply(r.Context(), m)
+	if err != nil {
+		s.writeError(w, r, notFoundKey(err, key))
+		return
+	}
+	writeJSON(w, http.StatusOK, writeBody{Key: key, Version: res.Entry.Version.String(), Deleted: true})
+}
+
+// listBody is GET /v1/kv.
+type listBody struct {
+	Items []listItem `json:"items"`
+	// Next is the cursor for the following page (pass it as after=); absent
+	// on the last page.
+	Next string `json:"next,omitempty"`
+}
+
+type listItem struct {
+	Key     string          `json:"key"`
+	Version string          `json:"version"`
+	Value   json.RawMessage `json:"value"`
+}
+
+func (s *Server) list(w http.ResponseWriter, r *http.Request) {
+	prefix, after, limit, err := listParams(r)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	entries, more, err := s.cfg.Store.Scan(prefix, after, limit)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	body := listBody{Items: make([]listItem, 0, len(entries))}
+	for _, e := range entries {
+		body.Items = append(body.Items, listItem{Key: e.Key, Version: e.Version.String(), Value: e.Value})
+	}
+	if more {
+		body.Next = entries[len(entries)-1].Key
+	}
+	writeJSON(w, http.StatusOK, body)
+}
+
+// notFoundKey names the key in a not-found error; other errors pass through.
+func notFoundKey(err error, key string) error {
+	if errors.Is(err, storage.ErrNotFound) {
+		return fmt.Errorf("%w: %q", storage.ErrNotFound, key)
+	}
+	return err
+}

@@ -1,0 +1,392 @@
+package storage
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
+)
+
+// FormatVersion is the on-disk format this binary writes and reads. Bump it
+// (and add a migration in Open) whenever DESIGN.md's layout changes.
+const FormatVersion = 1
+
+// FileName is the bbolt file inside the data directory.
+const FileName = "store.db"
+
+var (
+	bucketMeta = []byte("meta")
+	bucketKV   = []byte("kv")
+
+	metaFormat = []byte("format")
+	metaSeq    = []byte("seq")
+)
+
+// Options configures Open. The zero value is usable.
+type Options struct {
+	// MaxBatch caps how many mutations share one commit (one fsync).
+	// Default 1024.
+	MaxBatch int
+
+	// NoSync turns fsync off. Only benchmarks that measure the cost of fsync
+	// set it; the store itself never does.
+	NoSync bool
+
+	// Registerer receives the storage metrics; nil registers nothing.
+	Registerer prometheus.Registerer
+
+	// LockTimeout bounds the wait for the file lock held by another process.
+	// Default 2s.
+	LockTimeout time.Duration
+}
+
+// Mutation is one write: a put of Value, or a delete, under an optional
+// precondition.
+type Mutation struct {
+	Key   string
+	Value []byte // ignored for deletes
+	// Delete writes a tombstone. Deleting a missing key fails with
+	// ErrNotFound and writes nothing.
+	Delete bool
+	// Epoch is the leadership term assigning the version; must be > 0.
+	Epoch uint64
+	// IfMatch, when non-zero, requires the key's live version to equal it.
+	IfMatch Version
+	// IfExists requires the key to exist (HTTP If-Match: *).
+	IfExists bool
+	// IfAbsent requires the key not to exist (HTTP If-None-Match: *).
+	IfAbsent bool
+}
+
+// Result is the outcome of an applied Mutation.
+type Result struct {
+	Entry Entry
+	// Created is true when the key had no live value before a put.
+	Created bool
+}
+
+// DB is the durable key-value store on one bbolt file. Reads run in their own
+// read transactions; writes go through a single committer goroutine that
+// groups whatever arrived while the previous commit was syncing into the next
+// transaction (group commit). A lone writer therefore pays one fsync and no
+// added delay, and many writers share fsyncs.
+//
+// All methods are safe for concurrent use.
+type DB struct {
+	bolt    *bolt.DB
+	opts    Options
+	metrics *metrics
+
+	mu     sync.RWMutex // guards closed against sends on reqs
+	closed bool
+	reqs   chan *request
+	done   chan struct{}
+}
+
+type request struct {
+	m    Mutation
+	res  Result
+	err  error
+	done chan struct{}
+}
+
+// Open opens (creating if needed) the store in dir.
+func Open(dir string, opts Options) (*DB, error) {
+	if opts.MaxBatch <= 0 {
+		opts.MaxBatch = 1024
+	}
+	if opts.LockTimeout <= 0 {
+		opts.LockTimeout = 2 * time.Second
+	}
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return nil, fmt.Errorf("storage: create data dir: %w", err)
+	}
+	path := filepath.Join(dir, FileName)
+	bdb, err := bolt.Open(path, 0o600, &bolt.Options{
+		Timeout: opts.LockTimeout,
+		NoSync:  opts.NoSync,
+		// The freelist is rebuilt on open instead of written on every commit:
+		// less to fsync per write, at the cost of a slower open.
+		NoFreelistSync: true,
+		FreelistType:   bolt.FreelistMapType,
+	})
+	if err != nil {
+		if errors.Is(err, berrors.ErrTimeout) {
+			return nil, fmt.Errorf("storage: open %s: %w", path, ErrLocked)
+		}
+		return nil, fmt.Errorf("storage: open %s: %w", path, err)
+	}
+	if err := initFormat(bdb); err != nil {
+		_ = bdb.Close()
+		return nil, fmt.Errorf("storage: %s: %w", path, err)
+	}
+	db := &DB{
+		bolt:    bdb,
+		opts:    opts,
+		metrics: newMetrics(opts.Registerer),
+		reqs:    make(chan *request, opts.MaxBatch),
+		done:    make(chan struct{}),
+	}
+	go db.commitLoop()
+	return db, nil
+}
+
+func initFormat(bdb *bolt.DB) error {
+	return bdb.Update(func(tx *bolt.Tx) error {
+		meta, err := tx.CreateBucketIfNotExists(bucketMeta)
+		if err != nil {
+			return err
+		}
+		if _, err := tx.CreateBucketIfNotExists(bucketKV); err != nil {
+			return err
+		}
+		raw := meta.Get(metaFormat)
+		if raw == nil {
+			return meta.Put(metaFormat, []byte(strconv.Itoa(FormatVersion)))
+		}
+		if got, err := strconv.Atoi(string(raw)); err != nil || got != FormatVersion {
+			return fmt.Errorf("%w: file has format %q, this binary reads %d", ErrUnsupportedFormat, raw, FormatVersion)
+		}
+		return nil
+	})
+}
+
+// Close stops accepting writes, commits those already queued, and closes
+// the file. It is safe to call more than once.
+func (db *DB) Close() error {
+	db.mu.Lock()
+	if db.closed {
+		db.mu.Unlock()
+		return nil
+	}
+	db.closed = true
+	close(db.reqs)
+	db.mu.Unlock()
+	<-db.done
+	if err := db.bolt.Close(); err != nil {
+		return fmt.Errorf("storage: close: %w", err)
+	}
+	return nil
+}
+
+// Get returns the live entry for key, or ErrNotFound.
+func (db *DB) Get(key string) (Entry, error) {
+	var e Entry
+	err := db.bolt.View(func(tx *bolt.Tx) error {
+		raw := tx.Bucket(bucketKV).Get([]byte(key))
+		if raw == nil {
+			return ErrNotFound
+		}
+		var err error
+		if e, err = decodeRecord(key, raw); err != nil {
+			return err
+		}
+		if e.Deleted {
+			return ErrNotFound
+		}
+		return nil
+	})
+	if err != nil {
+		return Entry{}, fmt.Errorf("storage: get: %w", err)
+	}
+	return e, nil
+}
+
+// Scan returns up to limit live entries whose keys start with prefix and sort
+// strictly after the key after, in key order. more reports whether further
+// entries exist beyond the last one returned.
+func (db *DB) Scan(prefix, after string, limit int) (entries []Entry, more bool, err error) {
+	if limit <= 0 {
+		return nil, false, nil
+	}
+	p := []byte(prefix)
+	err = db.bolt.View(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bucketKV).Cursor()
+		var k, v []byte
+		if after != "" && after >= prefix {
+			k, v = c.Seek([]byte(after))
+			if k != nil && string(k) == after {
+				k, v = c.Next()
+			}
+		} else {
+			k, v = c.Seek(p)
+		}
+		for ; k != nil && bytes.HasPrefix(k, p); k, v = c.Next() {
+			e, err := decodeRecord(string(k), v)
+			if err != nil {
+				return err
+			}
+			if e.Deleted {
+				continue
+			}
+			if len(entries) == limit {
+				more = true
+				return nil
+			}
+			entries = append(entries, e)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, false, fmt.Errorf("storage: scan: %w", err)
+	}
+	return entries, more, nil
+}
+
+// Size returns the size of the database file in bytes.
+func (db *DB) Size() int64 {
+	var n int64
+	_ = db.bolt.View(func(tx *bolt.Tx) error {
+		n = tx.Size()
+		return nil
+	})
+	return n
+}
+
+// LastSeq returns the highest sequence number assigned so far.
+func (db *DB) LastSeq() uint64 {
+	var seq uint64
+	_ = db.bolt.View(func(tx *bolt.Tx) error {
+		seq = readSeq(tx.Bucket(bucketMeta))
+		return nil
+	})
+	return seq
+}
+
+// Apply durably applies m and returns the entry it produced. It returns only
+// after the commit holding m has been fsynced. Failed preconditions return a
+// *ConditionError (errors.Is ErrConditionFailed); deleting a missing key
+// returns ErrNotFound. In both cases nothing is written.
+//
+// If ctx ends first Apply returns ctx.Err(), but the mutation may still be
+// committed: the caller must treat the outcome as unknown.
+func (db *DB) Apply(ctx context.Context, m Mutation) (Result, error) {
+	if m.Key == "" || m.Epoch == 0 || (m.IfAbsent && (m.IfExists || !m.IfMatch.IsZero())) {
+		return Result{}, fmt.Errorf("storage: apply: %w", ErrInvalidMutation)
+	}
+	r := &request{m: m, done: make(chan struct{})}
+	db.mu.RLock()
+	if db.closed {
+		db.mu.RUnlock()
+		return Result{}, fmt.Errorf("storage: apply: %w", ErrClosed)
+	}
+	db.reqs <- r
+	db.mu.RUnlock()
+	select {
+	case <-r.done:
+		if r.err != nil {
+			return Result{}, fmt.Errorf("storage: apply: %w", r.err)
+		}
+		return r.res, nil
+	case <-ctx.Done():
+		return Result{}, fmt.Errorf("storage: apply: outcome unknown: %w", ctx.Err())
+	}
+}
+
+// commitLoop is the single writer. Each round takes every request already
+// queued (up to MaxBatch) and commits them in one transaction, so the batch
+// size adapts to load: one request when idle, many when writers pile up
+// behind an fsync.
+func (db *DB) commitLoop() {
+	defer close(db.done)
+	batch := make([]*request, 0, db.opts.MaxBatch)
+	for first := range db.reqs {
+		batch = append(batch[:0], first)
+	fill:
+		for len(batch) < db.opts.MaxBatch {
+			select {
+			case r, ok := <-db.reqs:
+				if !ok {
+					break fill
+				}
+				batch = append(batch, r)
+			default:
+				break fill
+			}
+		}
+		db.commit(batch)
+	}
+}
+
+func (db *DB) commit(batch []*request) {
+	start := time.Now()
+	err := db.bolt.Update(func(tx *bolt.Tx) error {
+		meta, kv := tx.Bucket(bucketMeta), tx.Bucket(bucketKV)
+		seq := readSeq(meta)
+		wrote := false
+		for _, r := range batch {
+			r.res, r.err = applyOne(kv, &seq, r.m)
+			wrote = wrote || r.err == nil
+		}
+		if !wrote {
+			return nil
+		}
+		return meta.Put(metaSeq, binary.BigEndian.AppendUint64(nil, seq))
+	})
+	db.metrics.observeCommit(time.Since(start), len(batch))
+	for _, r := range batch {
+		if err != nil {
+			// The transaction rolled back: nothing in it was written.
+			r.res, r.err = Result{}, err
+		}
+		close(r.done)
+	}
+}
+
+// applyOne applies a single mutation inside the batch transaction. Mutations
+// of one batch see each other in arrival order, so two compare-and-sets on
+// one key in the same batch behave exactly as if committed separately.
+func applyOne(kv *bolt.Bucket, seq *uint64, m Mutation) (Result, error) {
+	key := []byte(m.Key)
+	var cur Version
+	exists := false
+	if raw := kv.Get(key); raw != nil {
+		v, deleted, ok := recordVersion(raw)
+		if !ok {
+			return Result{}, fmt.Errorf("%w: key %q", ErrCorrupt, m.Key)
+		}
+		if !deleted {
+			cur, exists = v, true
+		}
+	}
+	switch {
+	case m.IfAbsent && exists,
+		m.IfExists && !exists,
+		!m.IfMatch.IsZero() && m.IfMatch != cur:
+		return Result{}, &ConditionError{Key: m.Key, Current: cur}
+	case m.Delete && !exists:
+		return Result{}, ErrNotFound
+	}
+	*seq++
+	v := Version{Epoch: m.Epoch, Seq: *seq}
+	var value []byte
+	if !m.Delete {
+		value = m.Value
+	}
+	if err := kv.Put(key, encodeRecord(v, value, m.Delete)); err != nil {
+		*seq--
+		return Result{}, err
+	}
+	e := Entry{Key: m.Key, Version: v, Deleted: m.Delete}
+	if !m.Delete {
+		e.Value = append([]byte(nil), m.Value...)
+	}
+	return Result{Entry: e, Created: !exists && !m.Delete}, nil
+}
+
+func readSeq(meta *bolt.Bucket) uint64 {
+	if raw := meta.Get(metaSeq); len(raw) == 8 {
+		return binary.BigEndian.Uint64(raw)
+	}
+	return 0
+}
