@@ -369,4 +369,3 @@ func TestServer_Put_AfterStorageClosedIs503(t *testing.T) {
 		t.Fatalf("PUT after close = %d %s", r.status, r.body)
 	}
 }
-

@@ -1,0 +1,60 @@
+package main
+
+import (
+	"errors"
+	"io"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParseConfig(t *testing.T) {
+	tests := []struct {
+		name    string
+		args    []string
+		env     map[string]string
+		check   func(config) bool
+		wantErr string // substring naming the flag; "" means success
+	}{
+		{"defaults", nil, nil, func(c config) bool {
+			return c.listen == ":8080" && c.dataDir == "data" && c.maxValueBytes == 1<<20 &&
+				c.nodeID == "host" && c.logLevel == slog.LevelInfo && c.shutdownTimeout == 20*time.Second
+		}, ""},
+		{"env fallback", nil, map[string]string{"STORE_LISTEN": "127.0.0.1:9", "POD_NAME": "store-1", "STORE_MAX_VALUE_BYTES": "10"},
+			func(c config) bool {
+				return c.listen == "127.0.0.1:9" && c.nodeID == "store-1" && c.maxValueBytes == 10
+			}, ""},
+		{"flag beats env", []string{"--listen", ":1"}, map[string]string{"STORE_LISTEN": ":2"},
+			func(c config) bool { return c.listen == ":1" }, ""},
+		{"bad listen", []string{"--listen", "nope"}, nil, nil, "--listen"},
+		{"bad listen from env", nil, map[string]string{"STORE_LISTEN": "nope"}, nil, "env STORE_LISTEN"},
+		{"max value not a number", []string{"--max-value-bytes", "1MB"}, nil, nil, "--max-value-bytes"},
+		{"max value zero", []string{"--max-value-bytes", "0"}, nil, nil, "--max-value-bytes"},
+		{"max value huge", []string{"--max-value-bytes", "999999999999"}, nil, nil, "--max-value-bytes"},
+		{"empty data dir", []string{"--data-dir", " "}, nil, nil, "--data-dir"},
+		{"bad log level", []string{"--log-level", "loud"}, nil, nil, "--log-level"},
+		{"bad log format", []string{"--log-format", "xml"}, nil, nil, "--log-format"},
+		{"bad shutdown timeout", []string{"--shutdown-timeout", "-1s"}, nil, nil, "--shutdown-timeout"},
+		{"unknown flag", []string{"--nope"}, nil, nil, "-nope"},
+		{"stray argument", []string{"serve"}, nil, nil, `"serve"`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			getenv := func(k string) string { return tt.env[k] }
+			c, err := parseConfig(tt.args, getenv, "host", io.Discard)
+			if tt.wantErr != "" {
+				if err == nil || !errors.Is(err, errUsage) || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("err = %v, want a usage error naming %s", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !tt.check(c) {
+				t.Fatalf("config = %+v", c)
+			}
+		})
+	}
+}
