@@ -1,0 +1,27 @@
+// Package election elects one leader among the store's pods over a
+// coordination.k8s.io/v1 Lease, using client-go's tools/leaderelection.
+//
+// The ConfigMap and Endpoints lock types that older tutorials use have been
+// removed from client-go; the Lease is the only lock, and it is what
+// Kubernetes' own components use.
+//
+// It guarantees:
+//   - Each leadership term has an epoch, leaseTransitions+1 of the Lease
+//     record this node wrote when it acquired. The apiserver's optimistic
+//     concurrency means no two terms share an epoch, and a later term always
+//     has a higher one.
+//   - The write gate (WriteGate) is open only while now < start of the last
+//     successful renewal + RenewDeadline, on this process's monotonic clock.
+//     RenewDeadline < LeaseDuration, so the gate shuts before any other node
+//     can acquire, even if this process was paused or cut off.
+//   - Losing the Lease never stops the process or the campaign.
+//   - On shutdown (Stop, then cancel Run's context) the Lease is released on
+//     a fresh context, so a successor takes over within about a retry period.
+//
+// It does not:
+//   - fence by itself. client-go documents that it cannot guarantee a single
+//     acting leader (clock skew, long pauses). Fencing is the epoch: every
+//     replicated write carries it and followers refuse older epochs.
+//   - tell followers about a new leader instantly: they learn it on their
+//     next poll of the Lease (every RetryPeriod).
+package election

@@ -1,0 +1,322 @@
+package election
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/leaderelection"
+	rl "k8s.io/client-go/tools/leaderelection/resourcelock"
+)
+
+// Defaults are client-go's core values.
+const (
+	DefaultLeaseDuration = 15 * time.Second
+	DefaultRenewDeadline = 10 * time.Second
+	DefaultRetryPeriod   = 2 * time.Second
+	DefaultLeaseName     = "store-leader"
+)
+
+// ErrInvalidConfig wraps every configuration error New returns. Messages
+// name the store's flags, since that is where an operator fixes them.
+var ErrInvalidConfig = errors.New("invalid election configuration")
+
+// Config configures an Elector.
+type Config struct {
+	// Client talks to the apiserver. Build it with NewClient so its HTTP
+	// timeout stays below the renew deadline.
+	Client kubernetes.Interface
+	// Namespace holds the Lease (the pod's namespace).
+	Namespace string
+	// LeaseName names the Lease. Default DefaultLeaseName.
+	LeaseName string
+	// Identity is this candidate's name: the pod name.
+	Identity string
+	// LeaseDuration is how long followers wait after the last observed
+	// renewal before taking over. Whole seconds (the Lease stores seconds).
+	LeaseDuration time.Duration
+	// RenewDeadline is how long the leader keeps trying to renew before it
+	// gives up; it is also the write gate's width.
+	RenewDeadline time.Duration
+	// RetryPeriod is the interval between attempts.
+	RetryPeriod time.Duration
+	// Logger gets one line per leadership change. Default slog.Default().
+	Logger *slog.Logger
+	// Registerer receives the election metrics; nil registers nothing.
+	Registerer prometheus.Registerer
+}
+
+// Status is a snapshot of what this node knows about leadership.
+type Status struct {
+	// Leader is the holder last observed on the Lease; "" if none.
+	Leader string
+	// Epoch is the term of that leader (leaseTransitions+1); 0 if none.
+	Epoch uint64
+	// IsLeader reports whether this node may accept writes now: it holds
+	// the Lease and its write gate is open.
+	IsLeader bool
+}
+
+// Elector campaigns for the Lease for as long as Run runs.
+//
+// Its write gate is the only leadership signal writes may use: it opens on a
+// successful create or renew of a Lease naming this node and closes
+// RenewDeadline after the start of the last such call, measured on the local
+// monotonic clock. Because RenewDeadline < LeaseDuration, and other candidates
+// wait a full LeaseDuration after *observing* the renewal (which happens after
+// the call started), the gate closes before anyone else can take over, even if
+// this process is paused or partitioned from the apiserver.
+type Elector struct {
+	cfg     Config
+	log     *slog.Logger
+	lock    rl.Interface
+	metrics *metrics
+
+	mu        sync.Mutex
+	leader    string    // last observed holder
+	epoch     uint64    // last observed holder's epoch
+	myEpoch   uint64    // our term's epoch while we hold the Lease
+	gateUntil time.Time // write gate closes here (monotonic)
+	seen      uint64    // highest epoch reported by ObserveEpoch; a term below it is over
+	stopping  bool      // shutdown began: never open the gate again
+	cancel    context.CancelFunc
+}
+
+// NewClient returns a clientset whose requests time out at half the renew
+// deadline, so one hung call cannot eat the whole renew budget.
+func NewClient(cfg *rest.Config, renewDeadline time.Duration) (kubernetes.Interface, error) {
+	c := rest.CopyConfig(cfg)
+	c.Timeout = renewDeadline / 2
+	c.UserAgent = "store-election"
+	return kubernetes.NewForConfig(c)
+}
+
+// New validates cfg and returns an Elector that is not yet campaigning.
+func New(cfg Config) (*Elector, error) {
+	if cfg.LeaseDuration == 0 {
+		cfg.LeaseDuration = DefaultLeaseDuration
+	}
+	if cfg.RenewDeadline == 0 {
+		cfg.RenewDeadline = DefaultRenewDeadline
+	}
+	if cfg.RetryPeriod == 0 {
+		cfg.RetryPeriod = DefaultRetryPeriod
+	}
+	if cfg.LeaseName == "" {
+		cfg.LeaseName = DefaultLeaseName
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if err := validate(cfg); err != nil {
+		return nil, err
+	}
+	e := &Elector{
+		cfg:     cfg,
+		log:     cfg.Logger.With("component", "election", "lease", cfg.Namespace+"/"+cfg.LeaseName),
+		metrics: newMetrics(cfg.Registerer),
+	}
+	e.lock = &observingLock{
+		Interface: &rl.LeaseLock{
+			LeaseMeta:  metav1.ObjectMeta{Namespace: cfg.Namespace, Name: cfg.LeaseName},
+			Client:     cfg.Client.CoordinationV1(),
+			LockConfig: rl.ResourceLockConfig{Identity: cfg.Identity},
+		},
+		e: e,
+	}
+	return e, nil
+}
+
+func validate(c Config) error {
+	bad := func(format string, a ...any) error {
+		return fmt.Errorf("%w: %s", ErrInvalidConfig, fmt.Sprintf(format, a...))
+	}
+	switch {
+	case c.Client == nil:
+		return bad("no Kubernetes client")
+	case c.Namespace == "":
+		return bad("namespace is empty; set POD_NAMESPACE (the downward API provides it) or --namespace")
+	case c.Identity == "":
+		return bad("identity is empty; set POD_NAME (the downward API provides it) or --node-id")
+	case c.LeaseDuration < time.Second || c.LeaseDuration%time.Second != 0:
+		return bad("--lease-duration %s must be a whole number of seconds, at least 1s (the Lease stores seconds)", c.LeaseDuration)
+	case c.RenewDeadline <= 0 || c.RetryPeriod <= 0:
+		return bad("--renew-deadline %s and --retry-period %s must be positive", c.RenewDeadline, c.RetryPeriod)
+	case c.RenewDeadline >= c.LeaseDuration:
+		return bad("--renew-deadline %s must be shorter than --lease-duration %s, or a paused leader could still write after another took over", c.RenewDeadline, c.LeaseDuration)
+	case float64(c.RenewDeadline) <= leaderelection.JitterFactor*float64(c.RetryPeriod):
+		return bad("--renew-deadline %s must exceed %.1f × --retry-period %s so a renewal can be retried", c.RenewDeadline, leaderelection.JitterFactor, c.RetryPeriod)
+	}
+	return nil
+}
+
+// Run campaigns until ctx is cancelled. Losing the Lease never ends Run: the
+// node goes back to campaigning, so it cannot become a standby that never
+// runs for leader again. On cancel it releases the Lease (if held) so a
+// successor takes over within about one retry period; the caller must stop
+// leader-only work (drain writes) before cancelling ctx.
+func (e *Elector) Run(ctx context.Context) error {
+	for ctx.Err() == nil {
+		campaign, cancel := context.WithCancel(ctx)
+		e.mu.Lock()
+		e.cancel = cancel
+		e.mu.Unlock()
+		le, err := leaderelection.NewLeaderElector(leaderelection.LeaderElectionConfig{
+			Lock:            e.lock,
+			LeaseDuration:   e.cfg.LeaseDuration,
+			RenewDeadline:   e.cfg.RenewDeadline,
+			RetryPeriod:     e.cfg.RetryPeriod,
+			ReleaseOnCancel: true,
+			Name:            e.cfg.LeaseName,
+			Callbacks: leaderelection.LeaderCallbacks{
+				OnStartedLeading: func(context.Context) {},
+				OnStoppedLeading: e.stoppedLeading,
+			},
+		})
+		if err != nil {
+			cancel()
+			return fmt.Errorf("election: %w", err)
+		}
+		le.Run(campaign)
+		cancel()
+	}
+	return nil
+}
+
+// Stop closes the write gate for good; Run's caller cancels its context
+// afterwards to release the Lease. Shutdown calls it once HTTP has drained.
+func (e *Elector) Stop() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.stopping = true
+	e.gateUntil = time.Time{}
+}
+
+// WriteGate returns the epoch to stamp writes with and whether this node may
+// accept a write now.
+func (e *Elector) WriteGate() (epoch uint64, open bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.myEpoch, e.gateOpenLocked()
+}
+
+func (e *Elector) gateOpenLocked() bool {
+	return e.myEpoch != 0 && e.myEpoch >= e.seen && !e.stopping && time.Now().Before(e.gateUntil)
+}
+
+// Status returns what this node currently knows about leadership.
+func (e *Elector) Status() Status {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return Status{Leader: e.leader, Epoch: e.epoch, IsLeader: e.gateOpenLocked()}
+}
+
+// Identity is this node's candidate name.
+func (e *Elector) Identity() string { return e.cfg.Identity }
+
+// ObserveEpoch tells the elector that some node acts under epoch. If that is
+// newer than this node's term, the node steps down at once: the gate closes
+// and it re-campaigns (it can only win again under a still higher epoch).
+func (e *Elector) ObserveEpoch(epoch uint64) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if epoch <= e.seen {
+		return
+	}
+	e.seen = epoch
+	if e.myEpoch != 0 && e.myEpoch < epoch {
+		e.log.Warn("stepping down: a newer epoch exists", "my_epoch", e.myEpoch, "seen_epoch", epoch)
+		e.gateUntil = time.Time{}
+		e.myEpoch = 0
+		e.metrics.isLeader.Set(0)
+		if e.cancel != nil {
+			e.cancel()
+		}
+	}
+}
+
+func (e *Elector) stoppedLeading() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.myEpoch != 0 {
+		e.log.Info("stopped leading", "epoch", e.myEpoch)
+	}
+	e.myEpoch = 0
+	e.gateUntil = time.Time{}
+	e.metrics.isLeader.Set(0)
+}
+
+// observed records a Lease record read from or written to the apiserver.
+// start is when the write began (zero for reads).
+func (e *Elector) observed(rec *rl.LeaderElectionRecord, wrote bool, start time.Time) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	holder := rec.HolderIdentity
+	epoch := uint64(0)
+	if holder != "" {
+		epoch = uint64(rec.LeaderTransitions) + 1
+	}
+	if holder != e.leader || epoch != e.epoch {
+		if holder != e.leader {
+			e.metrics.transitions.Inc()
+		}
+		e.log.Info("leader changed", "leader", holder, "epoch", epoch, "me", e.cfg.Identity)
+		e.leader, e.epoch = holder, epoch
+		e.metrics.epoch.Set(float64(epoch))
+	}
+	switch {
+	case holder == e.cfg.Identity && wrote && !e.stopping:
+		if e.myEpoch != epoch {
+			e.log.Info("became leader", "epoch", epoch)
+		}
+		e.myEpoch = epoch
+		e.gateUntil = start.Add(e.cfg.RenewDeadline)
+		e.metrics.isLeader.Set(1)
+	case holder != e.cfg.Identity:
+		// Someone else (or nobody, after a release) holds the Lease.
+		e.myEpoch = 0
+		e.gateUntil = time.Time{}
+		e.metrics.isLeader.Set(0)
+	}
+}
+
+// observingLock wraps the LeaseLock to learn every record the elector reads
+// or successfully writes: that is where the epoch and the write gate come
+// from, rather than from callbacks that fire later.
+type observingLock struct {
+	rl.Interface
+	e *Elector
+}
+
+func (l *observingLock) Get(ctx context.Context) (*rl.LeaderElectionRecord, []byte, error) {
+	rec, raw, err := l.Interface.Get(ctx)
+	if err == nil {
+		l.e.observed(rec, false, time.Time{})
+	}
+	return rec, raw, err
+}
+
+func (l *observingLock) Create(ctx context.Context, rec rl.LeaderElectionRecord) error {
+	start := time.Now()
+	err := l.Interface.Create(ctx, rec)
+	if err == nil {
+		l.e.observed(&rec, true, start)
+	}
+	return err
+}
+
+func (l *observingLock) Update(ctx context.Context, rec rl.LeaderElectionRecord) error {
+	start := time.Now()
+	err := l.Interface.Update(ctx, rec)
+	if err == nil {
+		l.e.observed(&rec, true, start)
+	}
+	return err
+}

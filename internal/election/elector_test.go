@@ -1,0 +1,257 @@
+package election
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	coordinationv1 "k8s.io/api/coordination/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
+)
+
+const ns = "default"
+
+func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+// apiserver is a fake clientset whose Lease calls can be made to fail: all
+// of them (down), or the writes of one candidate (cutOff), which is how a
+// leader partitioned from the apiserver looks to the others.
+type apiserver struct {
+	*fake.Clientset
+	down   atomic.Bool
+	cutOff atomic.Value // string: identity whose Lease writes fail
+}
+
+func newAPIServer() *apiserver {
+	a := &apiserver{Clientset: fake.NewClientset()}
+	a.cutOff.Store("")
+	react := func(action k8stesting.Action) (bool, runtime.Object, error) {
+		if a.down.Load() {
+			return true, nil, errors.New("apiserver unavailable")
+		}
+		if w, ok := action.(k8stesting.UpdateAction); ok {
+			l := w.GetObject().(*coordinationv1.Lease)
+			if id := a.cutOff.Load().(string); id != "" && l.Spec.HolderIdentity != nil && *l.Spec.HolderIdentity == id {
+				return true, nil, errors.New("partitioned from the apiserver")
+			}
+		}
+		return false, nil, nil
+	}
+	a.PrependReactor("*", "leases", react)
+	return a
+}
+
+func newElector(t *testing.T, api *apiserver, id string) *Elector {
+	t.Helper()
+	e, err := New(Config{Client: api, Namespace: ns, Identity: id, Logger: quiet()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+// run starts e.Run and returns a stop func that cancels and waits.
+func run(e *Elector) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { _ = e.Run(ctx); close(done) }()
+	return func() { e.Stop(); cancel(); <-done }
+}
+
+func holder(t *testing.T, api *apiserver) (string, int32) {
+	t.Helper()
+	l, err := api.CoordinationV1().Leases(ns).Get(context.Background(), DefaultLeaseName, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := ""
+	if l.Spec.HolderIdentity != nil {
+		h = *l.Spec.HolderIdentity
+	}
+	return h, *l.Spec.LeaseTransitions
+}
+
+func TestElector_OneLeaderWithEpochOthersFollow(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		api := newAPIServer()
+		a, b := newElector(t, api, "store-0"), newElector(t, api, "store-1")
+		stopA := run(a)
+		time.Sleep(time.Second) // a campaigns first and wins at once
+		stopB := run(b)
+		time.Sleep(3 * DefaultRetryPeriod)
+
+		if _, open := a.WriteGate(); !open {
+			t.Fatal("first candidate is not leader")
+		}
+		if _, open := b.WriteGate(); open {
+			t.Fatal("second candidate's gate is open too")
+		}
+		for _, e := range []*Elector{a, b} {
+			if st := e.Status(); st.Leader != "store-0" || st.Epoch != 1 {
+				t.Fatalf("%s sees %+v, want store-0 at epoch 1", e.Identity(), st)
+			}
+		}
+		if h, _ := holder(t, api); h != "store-0" {
+			t.Fatalf("Lease holder = %q", h)
+		}
+		stopB()
+		stopA()
+	})
+}
+
+// The gate closes exactly RenewDeadline after the start of the last
+// successful renewal, without waiting for client-go to give up.
+func TestElector_WriteGate_ClosesAtRenewDeadline(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		api := newAPIServer()
+		var lastRenew atomic.Int64
+		api.PrependReactor("update", "leases", func(k8stesting.Action) (bool, runtime.Object, error) {
+			if !api.down.Load() {
+				lastRenew.Store(time.Now().UnixNano())
+			}
+			return false, nil, nil
+		})
+		a := newElector(t, api, "store-0")
+		stop := run(a)
+		defer stop()
+		time.Sleep(5 * DefaultRetryPeriod)
+		if _, open := a.WriteGate(); !open {
+			t.Fatal("not leader")
+		}
+		api.down.Store(true)
+		renewed := time.Unix(0, lastRenew.Load())
+		time.Sleep(time.Until(renewed.Add(DefaultRenewDeadline - time.Millisecond)))
+		if _, open := a.WriteGate(); !open {
+			t.Fatal("gate closed before the renew deadline")
+		}
+		time.Sleep(time.Millisecond)
+		if _, open := a.WriteGate(); open {
+			t.Fatalf("gate still open at last renew + renew deadline")
+		}
+		if a.Status().IsLeader {
+			t.Fatal("Status says leader with the gate closed")
+		}
+	})
+}
+
+// A leader that loses the Lease keeps campaigning (no zombie standby) and
+// wins again, under a higher epoch, when the other leader goes away.
+func TestElector_LostLease_CampaignsAgainWithHigherEpoch(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		api := newAPIServer()
+		a, b := newElector(t, api, "store-0"), newElector(t, api, "store-1")
+		stopA := run(a)
+		time.Sleep(time.Second)
+		stopB := run(b)
+		time.Sleep(2 * DefaultRetryPeriod)
+
+		// a cannot renew; b takes over once the lease runs out.
+		api.cutOff.Store("store-0")
+		time.Sleep(DefaultRenewDeadline + time.Second)
+		if _, open := a.WriteGate(); open {
+			t.Fatal("a still open after losing the apiserver")
+		}
+		time.Sleep(DefaultLeaseDuration + 3*DefaultRetryPeriod)
+		api.cutOff.Store("")
+		epochB, openB := b.WriteGate()
+		if !openB || epochB != 2 {
+			t.Fatalf("b: epoch %d open %v, want leader at epoch 2", epochB, openB)
+		}
+		if _, open := a.WriteGate(); open {
+			t.Fatal("two open gates")
+		}
+		// b shuts down and releases; a must pick the Lease up again.
+		stopB()
+		if h, _ := holder(t, api); h != "" {
+			t.Fatalf("after release holder = %q, want empty", h)
+		}
+		time.Sleep(3 * DefaultRetryPeriod)
+		if epoch, open := a.WriteGate(); !open || epoch != 3 {
+			t.Fatalf("a after b left: epoch %d open %v, want leader at epoch 3", epoch, open)
+		}
+		stopA()
+	})
+}
+
+func TestElector_ObserveHigherEpoch_StepsDownAtOnce(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		api := newAPIServer()
+		a := newElector(t, api, "store-0")
+		stop := run(a)
+		defer stop()
+		time.Sleep(2 * DefaultRetryPeriod)
+		epoch, open := a.WriteGate()
+		if !open {
+			t.Fatal("not leader")
+		}
+		a.ObserveEpoch(epoch) // its own epoch: nothing happens
+		if _, open := a.WriteGate(); !open {
+			t.Fatal("stepped down on its own epoch")
+		}
+		a.ObserveEpoch(epoch + 1)
+		if _, open := a.WriteGate(); open {
+			t.Fatal("gate open after a higher epoch was observed")
+		}
+		// It keeps campaigning; with nobody else around it leads again, but
+		// only under a new term, never the one it stepped down from.
+		time.Sleep(3 * DefaultRetryPeriod)
+		if e2, open := a.WriteGate(); !open || e2 <= epoch {
+			t.Fatalf("after stepping down: epoch %d open %v, want a new term above %d", e2, open, epoch)
+		}
+	})
+}
+
+func TestElector_StopReleasesLease(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		api := newAPIServer()
+		a := newElector(t, api, "store-0")
+		stop := run(a)
+		time.Sleep(2 * DefaultRetryPeriod)
+		stop()
+		if h, _ := holder(t, api); h != "" {
+			t.Fatalf("holder after shutdown = %q, want released", h)
+		}
+		if _, open := a.WriteGate(); open {
+			t.Fatal("gate open after Stop")
+		}
+	})
+}
+
+func TestNew_InvalidConfig(t *testing.T) {
+	api := newAPIServer()
+	base := Config{Client: api, Namespace: ns, Identity: "store-0"}
+	tests := []struct {
+		name string
+		mod  func(*Config)
+		want string
+	}{
+		{"no namespace", func(c *Config) { c.Namespace = "" }, "POD_NAMESPACE"},
+		{"no identity", func(c *Config) { c.Identity = "" }, "POD_NAME"},
+		{"renew >= lease", func(c *Config) { c.LeaseDuration, c.RenewDeadline = 10*time.Second, 10*time.Second }, "--renew-deadline"},
+		{"retry too close to renew", func(c *Config) { c.RenewDeadline, c.RetryPeriod = 3*time.Second, 3*time.Second }, "--retry-period"},
+		{"sub-second lease", func(c *Config) { c.LeaseDuration = 1500 * time.Millisecond }, "--lease-duration"},
+		{"negative retry", func(c *Config) { c.RetryPeriod = -time.Second }, "--retry-period"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := base
+			tt.mod(&c)
+			_, err := New(c)
+			if !errors.Is(err, ErrInvalidConfig) || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("err = %v, want ErrInvalidConfig naming %s", err, tt.want)
+			}
+		})
+	}
+	if _, err := New(base); err != nil {
+		t.Fatalf("defaults rejected: %v", err)
+	}
+}
