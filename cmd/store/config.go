@@ -30,6 +30,15 @@ type config struct {
 	shutdownTimeout time.Duration
 	// showVersion prints the version and exits.
 	showVersion bool
+
+	// Cluster mode. kubeconfig (or in-cluster config) switches it on.
+	kubeconfig    string
+	namespace     string
+	leaseName     string
+	leaseDuration time.Duration
+	renewDeadline time.Duration
+	retryPeriod   time.Duration
+	peerTemplate  string
 }
 
 // errUsage marks errors that are the operator's to fix (bad flag or env);
@@ -38,13 +47,20 @@ var errUsage = errors.New("invalid configuration")
 
 // envFor maps each flag to its environment fallback.
 var envFor = map[string]string{
-	"listen":           "STORE_LISTEN",
-	"data-dir":         "STORE_DATA_DIR",
-	"max-value-bytes":  "STORE_MAX_VALUE_BYTES",
-	"node-id":          "POD_NAME",
-	"log-level":        "STORE_LOG_LEVEL",
-	"log-format":       "STORE_LOG_FORMAT",
-	"shutdown-timeout": "STORE_SHUTDOWN_TIMEOUT",
+	"listen":                "STORE_LISTEN",
+	"data-dir":              "STORE_DATA_DIR",
+	"max-value-bytes":       "STORE_MAX_VALUE_BYTES",
+	"node-id":               "POD_NAME",
+	"log-level":             "STORE_LOG_LEVEL",
+	"log-format":            "STORE_LOG_FORMAT",
+	"shutdown-timeout":      "STORE_SHUTDOWN_TIMEOUT",
+	"kubeconfig":            "KUBECONFIG",
+	"namespace":             "POD_NAMESPACE",
+	"lease-name":            "STORE_LEASE_NAME",
+	"lease-duration":        "STORE_LEASE_DURATION",
+	"renew-deadline":        "STORE_RENEW_DEADLINE",
+	"retry-period":          "STORE_RETRY_PERIOD",
+	"peer-address-template": "STORE_PEER_ADDRESS_TEMPLATE",
 }
 
 // parseConfig reads flags from args and fallbacks from getenv, applies
@@ -65,6 +81,13 @@ func parseConfig(args []string, getenv func(string) string, hostname string, std
 	fs.StringVar(&c.logFormat, "log-format", "json", "json or text (env STORE_LOG_FORMAT)")
 	fs.StringVar(&shutdown, "shutdown-timeout", "20s", "how long SIGTERM waits for in-flight requests (env STORE_SHUTDOWN_TIMEOUT)")
 	fs.BoolVar(&c.showVersion, "version", false, "print the version and exit")
+	fs.StringVar(&c.kubeconfig, "kubeconfig", "", "kubeconfig `file` for running outside a pod; inside one the in-cluster config is used (env KUBECONFIG)")
+	fs.StringVar(&c.namespace, "namespace", "", "namespace of the leader Lease; the pod's namespace (env POD_NAMESPACE)")
+	fs.StringVar(&c.leaseName, "lease-name", "store-leader", "name of the leader Lease (env STORE_LEASE_NAME)")
+	fs.DurationVar(&c.leaseDuration, "lease-duration", 15*time.Second, "how long followers wait on a silent leader before taking over (env STORE_LEASE_DURATION)")
+	fs.DurationVar(&c.renewDeadline, "renew-deadline", 10*time.Second, "how long a leader may fail to renew before it stops accepting writes (env STORE_RENEW_DEADLINE)")
+	fs.DurationVar(&c.retryPeriod, "retry-period", 2*time.Second, "interval between Lease attempts (env STORE_RETRY_PERIOD)")
+	fs.StringVar(&c.peerTemplate, "peer-address-template", "{id}.store-peers.{namespace}.svc:8080", "host:port of a peer from its `template` with {id}, {namespace}, {ordinal} (env STORE_PEER_ADDRESS_TEMPLATE)")
 	if err := fs.Parse(args); err != nil {
 		return config{}, fmt.Errorf("%w: %w", errUsage, err)
 	}

@@ -21,13 +21,19 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/klog/v2"
+
 	"github.com/statefulkv/store/internal/api"
+	"github.com/statefulkv/store/internal/election"
 	"github.com/statefulkv/store/internal/storage"
 )
 
@@ -57,11 +63,34 @@ func run(args []string, getenv func(string) string, stdout, stderr io.Writer) in
 	log := newLogger(cfg, stderr)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	if err := serve(ctx, cfg, log); err != nil {
-		log.Error("store stopped with an error", "err", err)
+	if err := serve(ctx, cfg, getenv, log); err != nil {
+		log.Error("store stopped with an error", "err", err.Error())
+		if errors.Is(err, errUsage) || errors.Is(err, election.ErrInvalidConfig) {
+			return 2
+		}
 		return 1
 	}
 	return 0
+}
+
+// kubeConfig finds Kubernetes: --kubeconfig, else the in-cluster config when
+// running in a pod, else nil (single-node mode).
+func kubeConfig(cfg config, getenv func(string) string) (*rest.Config, string, error) {
+	switch {
+	case cfg.kubeconfig != "":
+		rc, err := clientcmd.BuildConfigFromFlags("", cfg.kubeconfig)
+		if err != nil {
+			return nil, "", fmt.Errorf("%w: --kubeconfig (env KUBECONFIG) %s: %w", errUsage, cfg.kubeconfig, err)
+		}
+		return rc, "kubeconfig " + cfg.kubeconfig, nil
+	case getenv("KUBERNETES_SERVICE_HOST") != "":
+		rc, err := rest.InClusterConfig()
+		if err != nil {
+			return nil, "", fmt.Errorf("in-cluster Kubernetes config: %w", err)
+		}
+		return rc, "in-cluster config", nil
+	}
+	return nil, "", nil
 }
 
 func newLogger(cfg config, w io.Writer) *slog.Logger {
@@ -75,13 +104,54 @@ func newLogger(cfg config, w io.Writer) *slog.Logger {
 // serve runs the node until ctx is cancelled, then shuts down in the one
 // order that loses nothing: readiness off → HTTP drains (every in-flight
 // write finishes its fsync) → storage closes.
-func serve(ctx context.Context, cfg config, log *slog.Logger) error {
-	log.Info("starting single-node store: no Kubernetes configuration, so no election or replication",
-		"mode", "single-node", "node", cfg.nodeID, "version", buildVersion(),
-		"listen", cfg.listen, "data_dir", cfg.dataDir)
+func serve(ctx context.Context, cfg config, getenv func(string) string, log *slog.Logger) error {
+	restCfg, source, err := kubeConfig(cfg, getenv)
+	if err != nil {
+		return err
+	}
+	if restCfg == nil {
+		log.Info("starting single-node store: no Kubernetes configuration, so no election or replication",
+			"mode", "single-node", "node", cfg.nodeID, "version", buildVersion(),
+			"listen", cfg.listen, "data_dir", cfg.dataDir)
+	} else {
+		log.Info("starting cluster node: electing a leader over a Kubernetes Lease",
+			"mode", "cluster", "kubernetes", source, "node", cfg.nodeID, "namespace", cfg.namespace,
+			"lease", cfg.leaseName, "version", buildVersion(), "listen", cfg.listen, "data_dir", cfg.dataDir)
+	}
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	// Cluster mode: build (and so validate) the elector before touching
+	// the disk, so a bad flag fails fast.
+	var elector *election.Elector
+	if restCfg != nil && cfg.namespace == "" {
+		// In a pod the service account token's folder names the namespace.
+		if b, err := os.ReadFile("/var/run/secrets/kubernetes.io/serviceaccount/namespace"); err == nil {
+			cfg.namespace = strings.TrimSpace(string(b))
+		}
+	}
+	if restCfg != nil {
+		klog.SetSlogLogger(log.With("component", "client-go"))
+		client, err := election.NewClient(restCfg, cfg.renewDeadline)
+		if err != nil {
+			return fmt.Errorf("kubernetes client: %w", err)
+		}
+		elector, err = election.New(election.Config{
+			Client:        client,
+			Namespace:     cfg.namespace,
+			LeaseName:     cfg.leaseName,
+			Identity:      cfg.nodeID,
+			LeaseDuration: cfg.leaseDuration,
+			RenewDeadline: cfg.renewDeadline,
+			RetryPeriod:   cfg.retryPeriod,
+			Logger:        log,
+			Registerer:    reg,
+		})
+		if err != nil {
+			return err
+		}
+	}
 
 	db, err := storage.Open(cfg.dataDir, storage.Options{Registerer: reg})
 	if err != nil {
@@ -93,7 +163,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 		}
 	}()
 
-	srv, err := api.New(api.Config{
+	apiCfg := api.Config{
 		NodeID:        cfg.nodeID,
 		BuildVersion:  buildVersion(),
 		Store:         db,
@@ -101,9 +171,41 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 		Logger:        log,
 		Registerer:    reg,
 		Gatherer:      reg,
-	})
+	}
+	if elector != nil {
+		peerAddr, err := api.PeerAddrFromTemplate(cfg.peerTemplate, cfg.namespace)
+		if err != nil {
+			return fmt.Errorf("%w: --peer-address-template (env STORE_PEER_ADDRESS_TEMPLATE): %w", errUsage, err)
+		}
+		apiCfg.Leadership = elector
+		apiCfg.PeerAddr = peerAddr
+		// A forwarded write rides out one leader change: a full lease after
+		// a crash plus the retry period for the successor to notice.
+		apiCfg.ForwardTimeout = cfg.leaseDuration + 2*cfg.retryPeriod + 5*time.Second
+	}
+	srv, err := api.New(apiCfg)
 	if err != nil {
 		return err
+	}
+
+	// The election runs on its own context, cancelled only after HTTP has
+	// drained: releasing the Lease while writes are still in flight would
+	// let a successor start before this leader stopped.
+	electionCtx, cancelElection := context.WithCancel(context.Background())
+	electionDone := make(chan struct{})
+	defer func() {
+		cancelElection()
+		<-electionDone
+	}()
+	if elector != nil {
+		go func() {
+			defer close(electionDone)
+			if err := elector.Run(electionCtx); err != nil {
+				log.Error("election stopped", "err", err)
+			}
+		}()
+	} else {
+		close(electionDone)
 	}
 
 	ln, err := net.Listen("tcp", cfg.listen)
@@ -134,6 +236,14 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 	if err := httpSrv.Shutdown(drainCtx); err != nil {
 		log.Warn("HTTP drain did not finish; closing connections", "err", err)
 		_ = httpSrv.Close()
+	}
+	if elector != nil {
+		// No write is in flight any more: close the gate for good, then
+		// release the Lease so a successor takes over at its next retry.
+		elector.Stop()
+		cancelElection()
+		<-electionDone
+		log.Info("left the election (the Lease is released if this node held it)")
 	}
 	log.Info("shut down cleanly")
 	return nil

@@ -43,6 +43,11 @@ var errorTable = []struct {
 	{errValueTooLarge, http.StatusRequestEntityTooLarge, "value_too_large"},
 	{errUnsupportedMedia, http.StatusUnsupportedMediaType, "unsupported_media_type"},
 	{errNotReady, http.StatusServiceUnavailable, "not_ready"},
+	{errNotLeader, http.StatusServiceUnavailable, "not_leader"},
+	{errNoLeader, http.StatusServiceUnavailable, "no_leader"},
+	{errLeaderTimeout, http.StatusGatewayTimeout, "outcome_unknown"},
+	{errOutcomeUnknown, http.StatusBadGateway, "outcome_unknown"},
+	{storage.ErrRequestIDReused, http.StatusConflict, "request_id_reused"},
 	{storage.ErrClosed, http.StatusServiceUnavailable, "shutting_down"},
 	// The client went away or its deadline passed while the write was queued:
 	// it may or may not have been committed.

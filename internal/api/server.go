@@ -7,8 +7,12 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-retryablehttp"
 
 	"github.com/go-chi/chi/v5"
 	"github.com/prometheus/client_golang/prometheus"
@@ -51,6 +55,16 @@ type Config struct {
 	// Registerer and Gatherer back /metrics. Default: a private registry.
 	Registerer prometheus.Registerer
 	Gatherer   prometheus.Gatherer
+
+	// Leadership switches the node to cluster mode: writes (and, until
+	// replication lands, reads) are served by the leader and forwarded to it
+	// from other nodes. Nil means a single node that serves everything.
+	Leadership Leadership
+	// PeerAddr maps a node identity to host:port; required with Leadership.
+	PeerAddr func(id string) (string, error)
+	// ForwardTimeout bounds one forwarded request, retries included; it
+	// should cover a leader change (lease duration + retry period). Default 30s.
+	ForwardTimeout time.Duration
 }
 
 // DefaultMaxValueBytes is the default --max-value-bytes.
@@ -63,6 +77,8 @@ type Server struct {
 	ready   atomic.Bool
 	handler http.Handler
 	metrics *httpMetrics
+	// forwarder carries requests to the leader (cluster mode only).
+	forwarder *retryablehttp.Client
 }
 
 // New validates cfg and builds the server. It starts not ready; call
@@ -80,6 +96,12 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Epoch == 0 {
 		cfg.Epoch = 1
 	}
+	if cfg.Leadership != nil && cfg.PeerAddr == nil {
+		return nil, errors.New("api: Config.PeerAddr is required with Leadership")
+	}
+	if cfg.ForwardTimeout <= 0 {
+		cfg.ForwardTimeout = 30 * time.Second
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -93,6 +115,9 @@ func New(cfg Config) (*Server, error) {
 		metrics: newHTTPMetrics(cfg.Registerer),
 	}
 	s.handler = s.routes()
+	if cfg.Leadership != nil {
+		s.forwarder = s.newForwarder()
+	}
 	return s, nil
 }
 
@@ -152,8 +177,11 @@ func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
 
 // statusBody is GET /v1/status.
 type statusBody struct {
-	Node      string `json:"node"`
-	Role      string `json:"role"`
+	Node string `json:"node"`
+	// Role is "single" (no Kubernetes), "leader" or "follower".
+	Role string `json:"role"`
+	// Leader is the leader this node last observed (cluster mode).
+	Leader    string `json:"leader,omitempty"`
 	Version   string `json:"version"`
 	Epoch     uint64 `json:"epoch"`
 	LastSeq   uint64 `json:"last_seq"`
@@ -162,11 +190,20 @@ type statusBody struct {
 }
 
 func (s *Server) status(w http.ResponseWriter, _ *http.Request) {
+	role, leader, epoch := "single", "", s.cfg.Epoch
+	if s.cfg.Leadership != nil {
+		leader, epoch = s.cfg.Leadership.Leader()
+		role = "follower"
+		if _, open := s.cfg.Leadership.WriteGate(); open {
+			role = "leader"
+		}
+	}
 	writeJSON(w, http.StatusOK, statusBody{
 		Node:      s.cfg.NodeID,
-		Role:      "single",
+		Role:      role,
+		Leader:    leader,
 		Version:   s.cfg.BuildVersion,
-		Epoch:     s.cfg.Epoch,
+		Epoch:     epoch,
 		LastSeq:   s.cfg.Store.LastSeq(),
 		DataBytes: s.cfg.Store.Size(),
 		Ready:     s.ready.Load(),
@@ -177,6 +214,9 @@ func (s *Server) get(w http.ResponseWriter, r *http.Request) {
 	key, err := keyFromPath(r)
 	if err != nil {
 		s.writeError(w, r, err)
+		return
+	}
+	if !s.servesReads(w, r) {
 		return
 	}
 	e, err := s.cfg.Store.Get(key)
@@ -214,9 +254,8 @@ func (s *Server) put(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	res, err := s.cfg.Store.Apply(r.Context(), m)
-	if err != nil {
-		s.writeError(w, r, err)
+	res, ok := s.applyOrForward(w, r, m, m.Value)
+	if !ok {
 		return
 	}
 	w.Header().Set("ETag", etag(res.Entry.Version))
@@ -242,9 +281,8 @@ func (s *Server) delete(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, fmt.Errorf("%w: If-None-Match: * cannot apply to DELETE", errInvalidPrecondition))
 		return
 	}
-	res, err := s.cfg.Store.Apply(r.Context(), m)
-	if err != nil {
-		s.writeError(w, r, notFoundKey(err, key))
+	res, ok := s.applyOrForward(w, r, m, nil)
+	if !ok {
 		return
 	}
 	writeJSON(w, http.StatusOK, writeBody{Key: key, Version: res.Entry.Version.String(), Deleted: true})
@@ -270,6 +308,9 @@ func (s *Server) list(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
+	if !s.servesReads(w, r) {
+		return
+	}
 	entries, more, err := s.cfg.Store.Scan(prefix, after, limit)
 	if err != nil {
 		s.writeError(w, r, err)
@@ -291,4 +332,50 @@ func notFoundKey(err error, key string) error {
 		return fmt.Errorf("%w: %q", storage.ErrNotFound, key)
 	}
 	return err
+}
+
+// servesReads reports whether this node answers a read from its own data:
+// always as a single node; in cluster mode, until replication gives
+// followers the data, only the leader does, and other nodes hand the read
+// to it (having then written the response).
+func (s *Server) servesReads(w http.ResponseWriter, r *http.Request) bool {
+	if s.cfg.Leadership == nil {
+		return true
+	}
+	_, local := s.leadHere(w, r, nil)
+	return local
+}
+
+// applyOrForward applies a validated write here if this node may write, or
+// hands it to the leader. ok is false when a response has been written.
+func (s *Server) applyOrForward(w http.ResponseWriter, r *http.Request, m storage.Mutation, body []byte) (storage.Result, bool) {
+	m.RequestID = requestID(r)
+	if s.cfg.Leadership == nil {
+		res, err := s.cfg.Store.Apply(r.Context(), m)
+		if err != nil {
+			s.writeError(w, r, notFoundKey(err, m.Key))
+			return res, false
+		}
+		return res, true
+	}
+	epoch, local := s.leadHere(w, r, body)
+	if !local {
+		return storage.Result{}, false
+	}
+	m.Epoch = epoch
+	res, err := s.cfg.Store.Apply(r.Context(), m)
+	if err != nil {
+		s.writeError(w, r, notFoundKey(err, m.Key))
+		return res, false
+	}
+	// The gate may have closed while the write was syncing. Acknowledging
+	// now could confirm a write a newer leader never sees, so the client is
+	// told the truth: it is durable here, but whether it counts is unknown.
+	if e2, still := s.cfg.Leadership.WriteGate(); !still || e2 != epoch {
+		s.writeError(w, r, fmt.Errorf("%w: leadership (epoch %d) ended while the write was being committed; retry with the same %s", errOutcomeUnknown, epoch, HeaderRequestID))
+		return res, false
+	}
+	w.Header().Set(HeaderLeader, s.cfg.NodeID)
+	w.Header().Set(HeaderEpoch, strconv.FormatUint(epoch, 10))
+	return res, true
 }

@@ -218,6 +218,13 @@ func (e *Elector) Status() Status {
 	return Status{Leader: e.leader, Epoch: e.epoch, IsLeader: e.gateOpenLocked()}
 }
 
+// Leader returns the holder last observed on the Lease and its epoch.
+func (e *Elector) Leader() (id string, epoch uint64) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.leader, e.epoch
+}
+
 // Identity is this node's candidate name.
 func (e *Elector) Identity() string { return e.cfg.Identity }
 

@@ -92,6 +92,7 @@ func BenchmarkGet(b *testing.B) {
 		}
 	}
 	var n atomic.Int64
+	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
 			if _, err := db.Get(fmt.Sprintf("k%d", n.Add(1)%1000)); err != nil {

@@ -25,8 +25,9 @@ const FormatVersion = 1
 const FileName = "store.db"
 
 var (
-	bucketMeta = []byte("meta")
-	bucketKV   = []byte("kv")
+	bucketMeta     = []byte("meta")
+	bucketKV       = []byte("kv")
+	bucketRequests = []byte("requests")
 
 	metaFormat = []byte("format")
 	metaSeq    = []byte("seq")
@@ -48,6 +49,11 @@ type Options struct {
 	// LockTimeout bounds the wait for the file lock held by another process.
 	// Default 2s.
 	LockTimeout time.Duration
+
+	// RequestTTL is how long a mutation's RequestID is remembered, i.e. the
+	// window in which a retried write is recognised and not applied twice.
+	// Default 10 minutes.
+	RequestTTL time.Duration
 }
 
 // Mutation is one write: a put of Value, or a delete, under an optional
@@ -66,6 +72,10 @@ type Mutation struct {
 	IfExists bool
 	// IfAbsent requires the key not to exist (HTTP If-None-Match: *).
 	IfAbsent bool
+	// RequestID, when set, makes the mutation idempotent: applying a
+	// mutation whose RequestID was already applied (within RequestTTL)
+	// writes nothing and returns the first result with Replayed set.
+	RequestID string
 }
 
 // Result is the outcome of an applied Mutation.
@@ -73,6 +83,9 @@ type Result struct {
 	Entry Entry
 	// Created is true when the key had no live value before a put.
 	Created bool
+	// Replayed is true when the RequestID had been applied before and this
+	// result is the remembered one. Entry.Value is not filled in then.
+	Replayed bool
 }
 
 // DB is the durable key-value store on one bbolt file. Reads run in their own
@@ -107,6 +120,9 @@ func Open(dir string, opts Options) (*DB, error) {
 	}
 	if opts.LockTimeout <= 0 {
 		opts.LockTimeout = 2 * time.Second
+	}
+	if opts.RequestTTL <= 0 {
+		opts.RequestTTL = 10 * time.Minute
 	}
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return nil, fmt.Errorf("storage: create data dir: %w", err)
@@ -147,8 +163,10 @@ func initFormat(bdb *bolt.DB) error {
 		if err != nil {
 			return err
 		}
-		if _, err := tx.CreateBucketIfNotExists(bucketKV); err != nil {
-			return err
+		for _, b := range [][]byte{bucketKV, bucketRequests} {
+			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+				return err
+			}
 		}
 		raw := meta.Get(metaFormat)
 		if raw == nil {
@@ -300,7 +318,22 @@ func (db *DB) Apply(ctx context.Context, m Mutation) (Result, error) {
 func (db *DB) commitLoop() {
 	defer close(db.done)
 	batch := make([]*request, 0, db.opts.MaxBatch)
-	for first := range db.reqs {
+	// Expired request ids are swept by this same goroutine, between
+	// batches, so bbolt only ever has one writer.
+	sweep := time.NewTicker(db.opts.RequestTTL / 4)
+	defer sweep.Stop()
+	for {
+		var first *request
+		select {
+		case r, ok := <-db.reqs:
+			if !ok {
+				return
+			}
+			first = r
+		case <-sweep.C:
+			db.sweepRequests(time.Now().Add(-db.opts.RequestTTL))
+			continue
+		}
 		batch = append(batch[:0], first)
 	fill:
 		for len(batch) < db.opts.MaxBatch {
@@ -318,15 +351,31 @@ func (db *DB) commitLoop() {
 	}
 }
 
+// sweepRequests forgets request ids recorded before cutoff. Failure only
+// delays the cleanup, so it is not reported beyond the next sweep.
+func (db *DB) sweepRequests(cutoff time.Time) {
+	_ = db.bolt.Update(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bucketRequests).Cursor()
+		for k, v := c.First(); k != nil; k, v = c.Next() {
+			if len(v) >= 8 && int64(binary.BigEndian.Uint64(v)) < cutoff.UnixNano() {
+				if err := c.Delete(); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	})
+}
+
 func (db *DB) commit(batch []*request) {
 	start := time.Now()
 	err := db.bolt.Update(func(tx *bolt.Tx) error {
-		meta, kv := tx.Bucket(bucketMeta), tx.Bucket(bucketKV)
+		meta, kv, reqs := tx.Bucket(bucketMeta), tx.Bucket(bucketKV), tx.Bucket(bucketRequests)
 		seq := readSeq(meta)
 		wrote := false
 		for _, r := range batch {
-			r.res, r.err = applyOne(kv, &seq, r.m)
-			wrote = wrote || r.err == nil
+			r.res, r.err = applyIdempotent(kv, reqs, &seq, r.m, start)
+			wrote = wrote || (r.err == nil && !r.res.Replayed)
 		}
 		if !wrote {
 			return nil
@@ -341,6 +390,32 @@ func (db *DB) commit(batch []*request) {
 		}
 		close(r.done)
 	}
+}
+
+// applyIdempotent applies m unless its RequestID was applied already, in
+// which case it returns the remembered result.
+func applyIdempotent(kv, reqs *bolt.Bucket, seq *uint64, m Mutation, now time.Time) (Result, error) {
+	if m.RequestID == "" {
+		return applyOne(kv, seq, m)
+	}
+	if raw := reqs.Get([]byte(m.RequestID)); raw != nil {
+		res, key, ok := decodeRequest(raw)
+		if !ok {
+			return Result{}, fmt.Errorf("%w: request id %q", ErrCorrupt, m.RequestID)
+		}
+		if key != m.Key {
+			return Result{}, fmt.Errorf("%w: request id %q was used for key %q", ErrRequestIDReused, m.RequestID, key)
+		}
+		return res, nil
+	}
+	res, err := applyOne(kv, seq, m)
+	if err != nil {
+		return res, err
+	}
+	if err := reqs.Put([]byte(m.RequestID), encodeRequest(res, now)); err != nil {
+		return Result{}, err
+	}
+	return res, nil
 }
 
 // applyOne applies a single mutation inside the batch transaction. Mutations

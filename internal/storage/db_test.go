@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/prometheus/client_golang/prometheus"
@@ -339,5 +340,34 @@ func TestParseVersion(t *testing.T) {
 	}
 	if !(Version{1, 9}).Less(Version{2, 1}) || (Version{2, 1}).Less(Version{1, 9}) || !(Version{1, 1}).Less(Version{1, 2}) {
 		t.Error("Less does not order by (epoch, seq)")
+	}
+}
+
+func TestDB_RequestID_RetryIsNotAppliedTwice(t *testing.T) {
+	db := openTest(t, t.TempDir())
+	ctx := context.Background()
+	m := Mutation{Key: "k", Value: []byte("1"), Epoch: 1, RequestID: "req-1"}
+	first, err := db.Apply(ctx, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Value = []byte("2") // a retry carries the same id; its body is ignored
+	again, err := db.Apply(ctx, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !again.Replayed || again.Entry.Version != first.Entry.Version || again.Created != first.Created {
+		t.Fatalf("retry = %+v, first = %+v", again, first)
+	}
+	if got, _ := db.Get("k"); string(got.Value) != "1" || db.LastSeq() != 1 {
+		t.Fatalf("retry changed the store: %s seq %d", got.Value, db.LastSeq())
+	}
+	if _, err := db.Apply(ctx, Mutation{Key: "other", Value: []byte("1"), Epoch: 1, RequestID: "req-1"}); !errors.Is(err, ErrRequestIDReused) {
+		t.Fatalf("same id on another key: %v", err)
+	}
+	// Once forgotten, the id is free again.
+	db.sweepRequests(time.Now().Add(time.Hour))
+	if res, err := db.Apply(ctx, m); err != nil || res.Replayed || res.Entry.Version.Seq != 2 {
+		t.Fatalf("after sweep: %+v, %v", res, err)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Version orders every write the store ever assigns. Epoch is the leadership
@@ -133,3 +134,42 @@ func (e *ConditionError) Error() string {
 
 // Unwrap lets errors.Is(err, ErrConditionFailed) match.
 func (e *ConditionError) Unwrap() error { return ErrConditionFailed }
+
+// Request records in the requests bucket (see DESIGN.md):
+//
+//	[0:8]   unix nanos when applied (for expiry)
+//	[8]     flags (bit 0: deleted, bit 1: created)
+//	[9:17]  epoch
+//	[17:25] seq
+//	[25:]   key
+func encodeRequest(res Result, at time.Time) []byte {
+	buf := make([]byte, 25+len(res.Entry.Key))
+	binary.BigEndian.PutUint64(buf[0:8], uint64(at.UnixNano()))
+	if res.Entry.Deleted {
+		buf[8] |= 1
+	}
+	if res.Created {
+		buf[8] |= 2
+	}
+	binary.BigEndian.PutUint64(buf[9:17], res.Entry.Version.Epoch)
+	binary.BigEndian.PutUint64(buf[17:25], res.Entry.Version.Seq)
+	copy(buf[25:], res.Entry.Key)
+	return buf
+}
+
+func decodeRequest(raw []byte) (res Result, key string, ok bool) {
+	if len(raw) < 25 {
+		return Result{}, "", false
+	}
+	key = string(raw[25:])
+	res = Result{
+		Entry: Entry{
+			Key:     key,
+			Deleted: raw[8]&1 != 0,
+			Version: Version{Epoch: binary.BigEndian.Uint64(raw[9:17]), Seq: binary.BigEndian.Uint64(raw[17:25])},
+		},
+		Created:  raw[8]&2 != 0,
+		Replayed: true,
+	}
+	return res, key, true
+}

@@ -29,6 +29,10 @@ var (
 	// binary does not know; see DESIGN.md for the migration rule.
 	ErrUnsupportedFormat = errors.New("unsupported on-disk format")
 
+	// ErrRequestIDReused means a request id already applied to one key was
+	// sent again for another key; nothing was written.
+	ErrRequestIDReused = errors.New("request id reused for another key")
+
 	// ErrLocked means another process holds the database file.
 	ErrLocked = errors.New("database file is locked by another process")
 )

@@ -1,0 +1,270 @@
+package api
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/go-retryablehttp"
+)
+
+// Headers of the write-routing protocol.
+const (
+	// HeaderForwarded marks a request a node forwarded to the leader; such a
+	// request is never forwarded again (no loops).
+	HeaderForwarded = "X-Store-Forwarded-By"
+	// HeaderRequestID makes a write idempotent: a retry with the same id is
+	// applied at most once. Clients may set it; otherwise the first node
+	// that sees the write generates one.
+	HeaderRequestID = "X-Request-Id"
+	// HeaderLeader and HeaderEpoch name the node that applied a write.
+	HeaderLeader = "X-Store-Leader"
+	HeaderEpoch  = "X-Store-Epoch"
+)
+
+// Leadership is what the API needs from leader election.
+type Leadership interface {
+	// WriteGate returns the epoch to stamp writes with and whether this
+	// node may accept a write at this instant.
+	WriteGate() (epoch uint64, open bool)
+	// Leader returns the last observed leader and its epoch ("" if none).
+	Leader() (id string, epoch uint64)
+}
+
+var (
+	errNotLeader      = errors.New("not the leader")
+	errNoLeader       = errors.New("no leader")
+	errOutcomeUnknown = errors.New("outcome unknown")
+	errLeaderTimeout  = errors.New("leader did not answer in time")
+)
+
+// forwardState follows one forwarded request across retries: whether any
+// attempt may have reached the leader decides between "not applied" (503)
+// and "outcome unknown" (502/504) when every attempt fails.
+type forwardState struct {
+	maybeSent bool
+	lastErr   error
+}
+
+type forwardStateKey struct{}
+
+// newForwarder builds the retrying client that carries writes to the
+// leader. Retries are safe because every forwarded write has a request id
+// the leader deduplicates on; they stop when the request's context ends.
+func (s *Server) newForwarder() *retryablehttp.Client {
+	c := retryablehttp.NewClient()
+	c.HTTPClient = &http.Client{
+		Transport: &http.Transport{
+			Proxy:               nil, // peers are never reached through a proxy
+			DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+			MaxIdleConns:        256,
+			MaxIdleConnsPerHost: 256,
+			IdleConnTimeout:     90 * time.Second,
+		},
+		// One attempt may not take longer than this; the whole forward is
+		// bounded by ForwardTimeout through the request context.
+		Timeout: s.cfg.ForwardTimeout,
+	}
+	c.Logger = nil
+	c.RetryMax = 1 << 20 // bounded by the context, not a count
+	c.RetryWaitMin = 25 * time.Millisecond
+	c.RetryWaitMax = 500 * time.Millisecond
+	// Exponential and capped; unlike the default it ignores our own
+	// Retry-After: 1, which would make a leader change slower than needed.
+	c.Backoff = func(lo, hi time.Duration, attempt int, _ *http.Response) time.Duration {
+		d := lo << min(attempt, 20)
+		if d <= 0 || d > hi {
+			d = hi
+		}
+		return d
+	}
+	c.CheckRetry = func(ctx context.Context, resp *http.Response, err error) (bool, error) {
+		st, _ := ctx.Value(forwardStateKey{}).(*forwardState)
+		if ctx.Err() != nil {
+			return false, ctx.Err()
+		}
+		if err != nil {
+			if st != nil {
+				st.lastErr = err
+				if !isDialError(err) {
+					st.maybeSent = true
+				}
+			}
+			return true, nil
+		}
+		// 503 promises the write was not applied: the leader moved or its
+		// gate is closed. Anything else is the leader's answer.
+		return resp.StatusCode == http.StatusServiceUnavailable, nil
+	}
+	// Each retry goes to whoever leads now, not to the leader of the first
+	// try; that may be this very node, which then serves it locally.
+	c.PrepareRetry = func(req *http.Request) error {
+		if id, _ := s.cfg.Leadership.Leader(); id != "" {
+			if addr, err := s.cfg.PeerAddr(id); err == nil {
+				req.URL.Host = addr
+				req.Host = addr
+			}
+		}
+		return nil
+	}
+	c.ErrorHandler = retryablehttp.PassthroughErrorHandler
+	return c
+}
+
+// isDialError reports whether err happened before the request could be
+// sent (connection refused, no route): then the leader never saw it.
+func isDialError(err error) bool {
+	var op *net.OpError
+	return errors.As(err, &op) && op.Op == "dial"
+}
+
+// requestID returns the request's id, generating one if the client sent none.
+func requestID(r *http.Request) string {
+	if id := r.Header.Get(HeaderRequestID); id != "" {
+		return id
+	}
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	id := hex.EncodeToString(b[:])
+	r.Header.Set(HeaderRequestID, id)
+	return id
+}
+
+// leadHere decides where a request that needs the leader is served. It
+// returns local=true with the epoch when this node may serve it itself;
+// otherwise it has already answered: proxied to the leader, a 307 for
+// ?redirect=true, or a 503 that promises nothing was applied. body is the
+// validated request body (nil for reads).
+//
+// While no other leader is known (an election is under way, or this node
+// still believes it leads after a pause) it waits up to ForwardTimeout for
+// the Lease to settle rather than failing at once, so clients ride out a
+// leader change.
+func (s *Server) leadHere(w http.ResponseWriter, r *http.Request, body []byte) (epoch uint64, local bool) {
+	if epoch, open := s.cfg.Leadership.WriteGate(); open {
+		return epoch, true
+	}
+	if by := r.Header.Get(HeaderForwarded); by != "" {
+		// The forwarding node retries with fresh leadership information;
+		// answering at once keeps one request from waiting twice.
+		s.writeError(w, r, fmt.Errorf("%w: %s forwarded this request here, but this node does not lead; it is never forwarded twice", errNotLeader, by))
+		return 0, false
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), s.cfg.ForwardTimeout)
+	defer cancel()
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if epoch, open := s.cfg.Leadership.WriteGate(); open {
+			return epoch, true
+		}
+		if leader, _ := s.cfg.Leadership.Leader(); leader != "" && leader != s.cfg.NodeID {
+			s.toLeader(w, r, leader, body)
+			return 0, false
+		}
+		select {
+		case <-ctx.Done():
+			s.writeError(w, r, fmt.Errorf("%w: no node held the leader lease for %s; nothing was applied, retry shortly", errNoLeader, s.cfg.ForwardTimeout))
+			return 0, false
+		case <-tick.C:
+		}
+	}
+}
+
+// toLeader answers with a 307 to the leader for ?redirect=true, and
+// otherwise proxies the request there.
+func (s *Server) toLeader(w http.ResponseWriter, r *http.Request, leader string, body []byte) {
+	addr, err := s.cfg.PeerAddr(leader)
+	if err != nil {
+		s.writeError(w, r, fmt.Errorf("%w: cannot address leader %s: %w", errNoLeader, leader, err))
+		return
+	}
+	if redirect, _ := strconv.ParseBool(r.URL.Query().Get("redirect")); redirect {
+		w.Header().Set("Location", "http://"+addr+r.URL.RequestURI())
+		w.Header().Set(HeaderLeader, leader)
+		w.WriteHeader(http.StatusTemporaryRedirect)
+		return
+	}
+	s.proxy(w, r, addr, body)
+}
+
+// hopHeaders are not forwarded (RFC 9110 §7.6.1) or are set by the client.
+var hopHeaders = map[string]bool{
+	"Connection": true, "Keep-Alive": true, "Proxy-Connection": true, "Te": true,
+	"Trailer": true, "Transfer-Encoding": true, "Upgrade": true, "Content-Length": true,
+}
+
+func (s *Server) proxy(w http.ResponseWriter, r *http.Request, addr string, body []byte) {
+	st := &forwardState{}
+	ctx, cancel := context.WithTimeout(context.WithValue(r.Context(), forwardStateKey{}, st), s.cfg.ForwardTimeout)
+	defer cancel()
+	var rd io.Reader
+	if body != nil {
+		rd = bytes.NewReader(body)
+	}
+	req, err := retryablehttp.NewRequestWithContext(ctx, r.Method, "http://"+addr+r.URL.RequestURI(), rd)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	for k, vs := range r.Header {
+		if !hopHeaders[k] {
+			req.Header[k] = vs
+		}
+	}
+	req.Header.Set(HeaderForwarded, s.cfg.NodeID)
+	resp, err := s.forwarder.Do(req)
+	if err != nil {
+		switch {
+		case errors.Is(err, context.DeadlineExceeded) && (st.maybeSent || r.Method == http.MethodGet):
+			s.writeError(w, r, fmt.Errorf("%w: %w within %s; the write may or may not have been applied: retry with the same %s to be safe", errOutcomeUnknown, errLeaderTimeout, s.cfg.ForwardTimeout, HeaderRequestID))
+		case st.maybeSent:
+			s.writeError(w, r, fmt.Errorf("%w: the connection to the leader failed mid-request (%v); retry with the same %s to be safe", errOutcomeUnknown, st.lastErr, HeaderRequestID))
+		default:
+			s.writeError(w, r, fmt.Errorf("%w: the leader could not be reached (%v); nothing was applied", errNoLeader, errors.Join(st.lastErr, err)))
+		}
+		return
+	}
+	defer resp.Body.Close()
+	for k, vs := range resp.Header {
+		if !hopHeaders[k] {
+			w.Header()[k] = vs
+		}
+	}
+	w.WriteHeader(resp.StatusCode)
+	_, _ = io.Copy(w, resp.Body)
+}
+
+// PeerAddrFromTemplate turns a template such as
+// "{id}.store-peers.{namespace}.svc:8080" into a function from node identity
+// to host:port. {ordinal} is the number at the end of the identity (the
+// StatefulSet ordinal), which lets a local cluster map store-1 to 127.0.0.1.
+func PeerAddrFromTemplate(tmpl, namespace string) (func(id string) (string, error), error) {
+	if !strings.Contains(tmpl, "{id}") && !strings.Contains(tmpl, "{ordinal}") {
+		return nil, fmt.Errorf("peer address template %q uses neither {id} nor {ordinal}", tmpl)
+	}
+	return func(id string) (string, error) {
+		out := strings.ReplaceAll(tmpl, "{id}", id)
+		out = strings.ReplaceAll(out, "{namespace}", namespace)
+		if strings.Contains(out, "{ordinal}") {
+			i := strings.LastIndexFunc(id, func(c rune) bool { return c < '0' || c > '9' })
+			if i == len(id)-1 {
+				return "", fmt.Errorf("identity %q has no trailing ordinal for {ordinal}", id)
+			}
+			out = strings.ReplaceAll(out, "{ordinal}", id[i+1:])
+		}
+		if _, _, err := net.SplitHostPort(out); err != nil {
+			return "", fmt.Errorf("peer address %q for %s: %w", out, id, err)
+		}
+		return out, nil
+	}, nil
+}
