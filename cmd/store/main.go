@@ -179,9 +179,7 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 		}
 		apiCfg.Leadership = elector
 		apiCfg.PeerAddr = peerAddr
-		// A forwarded write rides out one leader change: a full lease after
-		// a crash plus the retry period for the successor to notice.
-		apiCfg.ForwardTimeout = cfg.leaseDuration + 2*cfg.retryPeriod + 5*time.Second
+		apiCfg.ForwardTimeout = forwardTimeout(cfg.leaseDuration, cfg.retryPeriod)
 	}
 	srv, err := api.New(apiCfg)
 	if err != nil {
@@ -247,6 +245,14 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 	}
 	log.Info("shut down cleanly")
 	return nil
+}
+
+// forwardTimeout lets a request that needs the leader ride out one leader
+// change: a full lease after a crash, a jittered retry period for the
+// successor to notice, and slack for the apiserver round trips. Past it the
+// client gets a 503 (nothing applied) or outcome_unknown.
+func forwardTimeout(lease, retry time.Duration) time.Duration {
+	return lease + 2*retry + 5*time.Second
 }
 
 func buildVersion() string {

@@ -20,9 +20,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/go-logr/logr"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
+	ctrllog "sigs.k8s.io/controller-runtime/pkg/log"
 )
 
 // DirEnv overrides where the control plane binaries are looked up.
@@ -60,6 +62,8 @@ func Start(t testing.TB) *ControlPlane {
 	// envtest lets KUBEBUILDER_ASSETS override BinaryAssetsDirectory; make
 	// sure a stray value from a developer's shell cannot pick other binaries.
 	t.Setenv("KUBEBUILDER_ASSETS", dir)
+	// controller-runtime prints a stack trace warning when no logger is set.
+	ctrllog.SetLogger(logr.Discard())
 	cfg, err := env.Start()
 	if err != nil {
 		t.Fatalf("kubetest: start control plane from %s: %v", dir, err)
