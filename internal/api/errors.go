@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"log/slog"
 	"net/http"
 
 	"github.com/statefulkv/store/internal/storage"
@@ -90,12 +91,17 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 			w.Header().Set("ETag", etag(ce.Current))
 		}
 	}
-	if status >= 500 {
-		s.log.ErrorContext(r.Context(), "request failed", "method", r.Method, "path", r.URL.Path, "status", status, "err", err)
-		if status == http.StatusInternalServerError {
-			d.Message = "internal error; see the server log"
-		}
+	// 503s are expected while leadership moves and clients retry them, so
+	// they are debug noise; unknown outcomes deserve a look; 500s are bugs.
+	level := slog.LevelDebug
+	switch {
+	case status == http.StatusInternalServerError:
+		level = slog.LevelError
+		d.Message = "internal error; see the server log"
+	case status >= 500 && status != http.StatusServiceUnavailable:
+		level = slog.LevelWarn
 	}
+	s.log.Log(r.Context(), level, "request failed", "method", r.Method, "path", r.URL.Path, "status", status, "err", err)
 	if status == http.StatusServiceUnavailable {
 		w.Header().Set("Retry-After", "1")
 	}

@@ -29,6 +29,10 @@ const (
 	// HeaderLeader and HeaderEpoch name the node that applied a write.
 	HeaderLeader = "X-Store-Leader"
 	HeaderEpoch  = "X-Store-Epoch"
+	// HeaderSeenEpoch carries, on a forwarded request, the newest epoch the
+	// forwarding node has seen. A leader of an older term learns from it
+	// that it has been superseded and steps down before applying anything.
+	HeaderSeenEpoch = "X-Store-Seen-Epoch"
 )
 
 // Leadership is what the API needs from leader election.
@@ -38,6 +42,9 @@ type Leadership interface {
 	WriteGate() (epoch uint64, open bool)
 	// Leader returns the last observed leader and its epoch ("" if none).
 	Leader() (id string, epoch uint64)
+	// ObserveEpoch reports an epoch seen elsewhere; if it is newer than
+	// this node's term, the node stops writing at once.
+	ObserveEpoch(epoch uint64)
 }
 
 var (
@@ -51,8 +58,9 @@ var (
 // attempt may have reached the leader decides between "not applied" (503)
 // and "outcome unknown" (502/504) when every attempt fails.
 type forwardState struct {
-	maybeSent bool
-	lastErr   error
+	maybeSent  bool
+	lastErr    error
+	lastStatus int
 }
 
 type forwardStateKey struct{}
@@ -88,17 +96,20 @@ func (s *Server) newForwarder() *retryablehttp.Client {
 		return d
 	}
 	c.CheckRetry = func(ctx context.Context, resp *http.Response, err error) (bool, error) {
-		st, _ := ctx.Value(forwardStateKey{}).(*forwardState)
+		// Record first: an attempt cut short by the deadline may still have
+		// reached the leader.
+		if st, _ := ctx.Value(forwardStateKey{}).(*forwardState); st != nil {
+			if err != nil {
+				st.lastErr = err
+				st.maybeSent = st.maybeSent || !isDialError(err)
+			} else {
+				st.lastStatus = resp.StatusCode
+			}
+		}
 		if ctx.Err() != nil {
 			return false, ctx.Err()
 		}
 		if err != nil {
-			if st != nil {
-				st.lastErr = err
-				if !isDialError(err) {
-					st.maybeSent = true
-				}
-			}
 			return true, nil
 		}
 		// 503 promises the write was not applied: the leader moved or its
@@ -150,6 +161,9 @@ func requestID(r *http.Request) string {
 // the Lease to settle rather than failing at once, so clients ride out a
 // leader change.
 func (s *Server) leadHere(w http.ResponseWriter, r *http.Request, body []byte) (epoch uint64, local bool) {
+	if seen, err := strconv.ParseUint(r.Header.Get(HeaderSeenEpoch), 10, 64); err == nil {
+		s.cfg.Leadership.ObserveEpoch(seen)
+	}
 	if epoch, open := s.cfg.Leadership.WriteGate(); open {
 		return epoch, true
 	}
@@ -222,6 +236,9 @@ func (s *Server) proxy(w http.ResponseWriter, r *http.Request, addr string, body
 		}
 	}
 	req.Header.Set(HeaderForwarded, s.cfg.NodeID)
+	if _, seen := s.cfg.Leadership.Leader(); seen != 0 {
+		req.Header.Set(HeaderSeenEpoch, strconv.FormatUint(seen, 10))
+	}
 	resp, err := s.forwarder.Do(req)
 	if err != nil {
 		switch {
@@ -229,8 +246,10 @@ func (s *Server) proxy(w http.ResponseWriter, r *http.Request, addr string, body
 			s.writeError(w, r, fmt.Errorf("%w: %w within %s; the write may or may not have been applied: retry with the same %s to be safe", errOutcomeUnknown, errLeaderTimeout, s.cfg.ForwardTimeout, HeaderRequestID))
 		case st.maybeSent:
 			s.writeError(w, r, fmt.Errorf("%w: the connection to the leader failed mid-request (%v); retry with the same %s to be safe", errOutcomeUnknown, st.lastErr, HeaderRequestID))
+		case st.lastErr == nil:
+			s.writeError(w, r, fmt.Errorf("%w: the leader kept answering %d (leadership moving) for %s; nothing was applied, retry shortly", errNoLeader, st.lastStatus, s.cfg.ForwardTimeout))
 		default:
-			s.writeError(w, r, fmt.Errorf("%w: the leader could not be reached (%v); nothing was applied", errNoLeader, errors.Join(st.lastErr, err)))
+			s.writeError(w, r, fmt.Errorf("%w: the leader could not be reached (%v); nothing was applied", errNoLeader, st.lastErr))
 		}
 		return
 	}

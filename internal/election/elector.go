@@ -84,7 +84,6 @@ type Elector struct {
 	epoch     uint64    // last observed holder's epoch
 	myEpoch   uint64    // our term's epoch while we hold the Lease
 	gateUntil time.Time // write gate closes here (monotonic)
-	seen      uint64    // highest epoch reported by ObserveEpoch; a term below it is over
 	stopping  bool      // shutdown began: never open the gate again
 	cancel    context.CancelFunc
 }
@@ -208,7 +207,7 @@ func (e *Elector) WriteGate() (epoch uint64, open bool) {
 }
 
 func (e *Elector) gateOpenLocked() bool {
-	return e.myEpoch != 0 && e.myEpoch >= e.seen && !e.stopping && time.Now().Before(e.gateUntil)
+	return e.myEpoch != 0 && !e.stopping && time.Now().Before(e.gateUntil)
 }
 
 // Status returns what this node currently knows about leadership.
@@ -228,16 +227,14 @@ func (e *Elector) Leader() (id string, epoch uint64) {
 // Identity is this node's candidate name.
 func (e *Elector) Identity() string { return e.cfg.Identity }
 
-// ObserveEpoch tells the elector that some node acts under epoch. If that is
+// ObserveEpoch tells the elector that some node has seen epoch. If that is
 // newer than this node's term, the node steps down at once: the gate closes
-// and it re-campaigns (it can only win again under a still higher epoch).
+// and it campaigns again. Nothing else is remembered: the Lease is the only
+// source of epochs, so a new term here is again leaseTransitions+1, which is
+// above any term that really existed.
 func (e *Elector) ObserveEpoch(epoch uint64) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if epoch <= e.seen {
-		return
-	}
-	e.seen = epoch
 	if e.myEpoch != 0 && e.myEpoch < epoch {
 		e.log.Warn("stepping down: a newer epoch exists", "my_epoch", e.myEpoch, "seen_epoch", epoch)
 		e.gateUntil = time.Time{}

@@ -1,0 +1,277 @@
+package api
+
+import (
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/statefulkv/store/internal/storage"
+)
+
+// fakeLeadership is a hand-written Leadership with settable state.
+type fakeLeadership struct {
+	mu       sync.Mutex
+	leader   string
+	epoch    uint64
+	open     bool
+	observed []uint64
+}
+
+func (f *fakeLeadership) WriteGate() (uint64, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.epoch, f.open
+}
+
+func (f *fakeLeadership) Leader() (string, uint64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.leader, f.epoch
+}
+
+func (f *fakeLeadership) ObserveEpoch(e uint64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.observed = append(f.observed, e)
+	if e > f.epoch && f.open {
+		f.open = false
+	}
+}
+
+func (f *fakeLeadership) set(leader string, epoch uint64, open bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.leader, f.epoch, f.open = leader, epoch, open
+}
+
+// pair is a leader and a follower on loopback; peers maps ids to addresses
+// and may be changed by a test (e.g. to point at a broken leader).
+type pair struct {
+	leader, follower     *testNode
+	leaderLS, followerLS *fakeLeadership
+	peersMu              sync.Mutex
+	peers                map[string]string
+	leaderHS             *httptest.Server
+	leaderWrap           func(http.Handler) http.Handler
+}
+
+func newClusterNode(t *testing.T, id string, ls *fakeLeadership, peerAddr func(string) (string, error), wrap func(http.Handler) http.Handler) (*testNode, *httptest.Server) {
+	t.Helper()
+	reg := prometheus.NewRegistry()
+	db, err := storage.Open(t.TempDir(), storage.Options{Registerer: reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = db.Close() })
+	srv, err := New(Config{NodeID: id, Store: db, Registerer: reg, Gatherer: reg, Leadership: ls, PeerAddr: peerAddr, ForwardTimeout: 500 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.SetReady(true)
+	var h http.Handler = srv
+	if wrap != nil {
+		h = wrap(srv)
+	}
+	hs := httptest.NewServer(h)
+	t.Cleanup(hs.Close)
+	return &testNode{t: t, db: db, srv: srv, url: hs.URL}, hs
+}
+
+func newPair(t *testing.T, leaderWrap func(http.Handler) http.Handler) *pair {
+	p := &pair{leaderLS: &fakeLeadership{}, followerLS: &fakeLeadership{}, peers: map[string]string{}}
+	peerAddr := func(id string) (string, error) {
+		p.peersMu.Lock()
+		defer p.peersMu.Unlock()
+		return p.peers[id], nil
+	}
+	var lhs, fhs *httptest.Server
+	p.leader, lhs = newClusterNode(t, "n-leader", p.leaderLS, peerAddr, leaderWrap)
+	p.follower, fhs = newClusterNode(t, "n-follower", p.followerLS, peerAddr, nil)
+	p.peers["n-leader"] = strings.TrimPrefix(lhs.URL, "http://")
+	p.peers["n-follower"] = strings.TrimPrefix(fhs.URL, "http://")
+	p.leaderHS = lhs
+	p.leaderLS.set("n-leader", 3, true)
+	p.followerLS.set("n-leader", 3, false)
+	return p
+}
+
+func TestForward_FollowerWriteLandsOnLeader(t *testing.T) {
+	p := newPair(t, nil)
+	r := p.follower.do("PUT", "/v1/kv/a", `{"x":1}`)
+	if r.status != 201 || r.header.Get(HeaderLeader) != "n-leader" || r.header.Get(HeaderEpoch) != "3" || r.header.Get("ETag") != `"3.1"` {
+		t.Fatalf("PUT via follower: %d %v %s", r.status, r.header, r.body)
+	}
+	if _, err := p.leader.db.Get("a"); err != nil {
+		t.Fatalf("leader lacks the write: %v", err)
+	}
+	if p.follower.db.LastSeq() != 0 {
+		t.Fatal("follower applied the write itself")
+	}
+	// Reads are served by the leader too, through the follower.
+	if g := p.follower.do("GET", "/v1/kv/a", ""); g.status != 200 || g.body != `{"x":1}` {
+		t.Fatalf("GET via follower: %d %s", g.status, g.body)
+	}
+	// Bad input is refused by the follower without bothering the leader.
+	if b := p.follower.do("PUT", "/v1/kv/a", `{`); b.status != 400 {
+		t.Fatalf("invalid JSON via follower: %d", b.status)
+	}
+	// The forwarded request told the leader which epoch the follower saw.
+	if got := p.leaderLS.observed; len(got) == 0 || got[0] != 3 {
+		t.Fatalf("leader observed epochs %v, want 3", got)
+	}
+}
+
+func TestForward_ForwardedRequestIsNeverForwardedAgain(t *testing.T) {
+	p := newPair(t, nil)
+	r := p.follower.do("PUT", "/v1/kv/a", `1`, HeaderForwarded, "n-other")
+	if r.status != 503 || errorCode(t, r.body) != "not_leader" || r.header.Get("Retry-After") == "" {
+		t.Fatalf("forwarded PUT at a follower: %d %s", r.status, r.body)
+	}
+	if p.leader.db.LastSeq() != 0 {
+		t.Fatal("a forwarded request was forwarded again")
+	}
+}
+
+func TestForward_RedirectAnswers307ToTheLeader(t *testing.T) {
+	p := newPair(t, nil)
+	client := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	req, _ := http.NewRequest("PUT", p.follower.url+"/v1/kv/k?redirect=true&x=1", strings.NewReader("1"))
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	want := "http://" + p.peers["n-leader"] + "/v1/kv/k?redirect=true&x=1"
+	if resp.StatusCode != 307 || resp.Header.Get("Location") != want {
+		t.Fatalf("redirect = %d %q, want 307 %q", resp.StatusCode, resp.Header.Get("Location"), want)
+	}
+	if p.leader.db.LastSeq() != 0 || p.follower.db.LastSeq() != 0 {
+		t.Fatal("a redirect applied the write")
+	}
+}
+
+func TestForward_NoLeaderIs503AfterWaiting(t *testing.T) {
+	p := newPair(t, nil)
+	p.followerLS.set("", 0, false)
+	start := time.Now()
+	r := p.follower.do("PUT", "/v1/kv/a", `1`)
+	if r.status != 503 || errorCode(t, r.body) != "no_leader" || r.header.Get("Retry-After") == "" {
+		t.Fatalf("no leader: %d %s", r.status, r.body)
+	}
+	if waited := time.Since(start); waited < 400*time.Millisecond {
+		t.Fatalf("gave up after %s, before the forward timeout", waited)
+	}
+}
+
+func TestForward_NoLeaderThenElected_WriteGoesThrough(t *testing.T) {
+	p := newPair(t, nil)
+	p.followerLS.set("", 0, false)
+	go func() {
+		time.Sleep(100 * time.Millisecond) // the election finishes while the request waits
+		p.followerLS.set("n-leader", 3, false)
+	}()
+	if r := p.follower.do("PUT", "/v1/kv/a", `1`); r.status != 201 {
+		t.Fatalf("write during an election: %d %s", r.status, r.body)
+	}
+}
+
+func TestForward_LeaderUnreachable_503NothingApplied(t *testing.T) {
+	p := newPair(t, nil)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := ln.Addr().String()
+	ln.Close() // connection refused from now on
+	p.peersMu.Lock()
+	p.peers["n-leader"] = dead
+	p.peersMu.Unlock()
+	r := p.follower.do("PUT", "/v1/kv/a", `1`)
+	if r.status != 503 || errorCode(t, r.body) != "no_leader" {
+		t.Fatalf("unreachable leader: %d %s", r.status, r.body)
+	}
+}
+
+func TestForward_LeaderHangs_504OutcomeUnknown(t *testing.T) {
+	release := make(chan struct{})
+	p := newPair(t, func(http.Handler) http.Handler {
+		return http.HandlerFunc(func(http.ResponseWriter, *http.Request) { <-release })
+	})
+	defer close(release)
+	r := p.follower.do("PUT", "/v1/kv/a", `1`)
+	if r.status != 504 || errorCode(t, r.body) != "outcome_unknown" {
+		t.Fatalf("hung leader: %d %s", r.status, r.body)
+	}
+}
+
+// The leader applies a write but the connection drops before the answer:
+// the follower retries with the same request id and the write is applied once.
+func TestForward_DroppedAnswer_RetryAppliesOnce(t *testing.T) {
+	var drops atomic.Int32
+	p := newPair(t, func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if drops.Add(1) == 1 {
+				next.ServeHTTP(httptest.NewRecorder(), r) // applied...
+				conn, _, err := w.(http.Hijacker).Hijack()
+				if err == nil {
+					conn.Close() // ...but the answer is lost
+				}
+				return
+			}
+			next.ServeHTTP(w, r)
+		})
+	})
+	r := p.follower.do("PUT", "/v1/kv/a", `1`)
+	if r.status != 201 || r.header.Get("ETag") != `"3.1"` {
+		t.Fatalf("after a dropped answer: %d %s etag %s", r.status, r.body, r.header.Get("ETag"))
+	}
+	if n := p.leader.db.LastSeq(); n != 1 {
+		t.Fatalf("leader applied the write %d times", n)
+	}
+}
+
+// A leader whose term is older than what the follower has seen steps down
+// instead of applying the write.
+func TestForward_SeenEpochDeposesAnOlderLeader(t *testing.T) {
+	p := newPair(t, nil)
+	p.followerLS.set("n-leader", 4, false) // the follower already saw epoch 4
+	r := p.follower.do("PUT", "/v1/kv/a", `1`)
+	if r.status/100 == 2 {
+		t.Fatalf("an epoch-3 leader applied a write forwarded under epoch 4: %d", r.status)
+	}
+	if _, open := p.leaderLS.WriteGate(); open || p.leader.db.LastSeq() != 0 {
+		t.Fatal("the superseded leader kept writing")
+	}
+}
+
+func TestPeerAddrFromTemplate(t *testing.T) {
+	tests := []struct {
+		tmpl, id, want string
+		wantErr        bool
+	}{
+		{"{id}.store-peers.{namespace}.svc:8080", "store-0", "store-0.store-peers.prod.svc:8080", false},
+		{"127.0.0.{ordinal}:9000", "store-3", "127.0.0.3:9000", false},
+		{"127.0.0.{ordinal}:9000", "store", "", true},
+		{"{id}", "store-0", "", true}, // no port
+	}
+	for _, tt := range tests {
+		f, err := PeerAddrFromTemplate(tt.tmpl, "prod")
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := f(tt.id)
+		if (err != nil) != tt.wantErr || got != tt.want {
+			t.Errorf("%s(%s) = %q, %v; want %q", tt.tmpl, tt.id, got, err, tt.want)
+		}
+	}
+	if _, err := PeerAddrFromTemplate("static:80", "prod"); err == nil {
+		t.Error("a template without {id} or {ordinal} was accepted")
+	}
+}
