@@ -21,7 +21,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"sigs.k8s.io/controller-runtime/pkg/envtest"
 	"sigs.k8s.io/yaml"
 
 	"github.com/statefulkv/store/internal/kubetest"
@@ -95,11 +94,6 @@ func (c *cluster) applyRBAC() {
 		case "RoleBinding":
 			var o rbacv1.RoleBinding
 			mustUnmarshal(t, doc, &o)
-			for i := range o.Subjects {
-				if o.Subjects[i].Kind == "ServiceAccount" && o.Subjects[i].Namespace == "" {
-					o.Subjects[i].Namespace = testNS // what kustomize's namespace does
-				}
-			}
 			_, err = c.cp.Client.RbacV1().RoleBindings(testNS).Create(ctx, &o, metav1.CreateOptions{})
 		default:
 			t.Fatalf("deploy/rbac.yaml: unexpected kind %q", meta.Kind)
@@ -117,25 +111,11 @@ func mustUnmarshal(t *testing.T, doc []byte, into any) {
 	}
 }
 
-// serviceAccountKubeconfig writes a kubeconfig for the user the apiserver
-// sees as the store ServiceAccount, and nothing more privileged.
+// serviceAccountKubeconfig is a kubeconfig for the user the apiserver sees
+// as the store ServiceAccount, and nothing more privileged.
 func (c *cluster) serviceAccountKubeconfig() string {
-	u, err := c.cp.Env.AddUser(envtest.User{
-		Name:   "system:serviceaccount:" + testNS + ":store",
-		Groups: []string{"system:serviceaccounts", "system:serviceaccounts:" + testNS},
-	}, nil)
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	kc, err := u.KubeConfig()
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	path := filepath.Join(c.t.TempDir(), "kubeconfig")
-	if err := os.WriteFile(path, kc, 0o600); err != nil {
-		c.t.Fatal(err)
-	}
-	return path
+	return c.cp.Kubeconfig(c.t, "system:serviceaccount:"+testNS+":store",
+		"system:serviceaccounts", "system:serviceaccounts:"+testNS)
 }
 
 // freePort finds a port free on 127.0.0.1..n.

@@ -117,3 +117,23 @@ func ModuleRoot() (string, error) {
 		dir = parent
 	}
 }
+
+// Kubeconfig writes a kubeconfig file for a user the apiserver authenticates
+// by client certificate with the given name and groups, and returns its path.
+// Name a ServiceAccount as "system:serviceaccount:<ns>:<name>" to act as it.
+func (cp *ControlPlane) Kubeconfig(t testing.TB, name string, groups ...string) string {
+	t.Helper()
+	u, err := cp.Env.AddUser(envtest.User{Name: name, Groups: groups}, nil)
+	if err != nil {
+		t.Fatalf("kubetest: add user %s: %v", name, err)
+	}
+	kc, err := u.KubeConfig()
+	if err != nil {
+		t.Fatalf("kubetest: kubeconfig for %s: %v", name, err)
+	}
+	path := filepath.Join(t.TempDir(), "kubeconfig")
+	if err := os.WriteFile(path, kc, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
