@@ -5,7 +5,7 @@ GO ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: all build run test unit controlplane fuzz bench vet clean
+.PHONY: all build run test unit controlplane cluster cluster-down fuzz bench vet clean
 
 all: build
 
@@ -19,6 +19,14 @@ run:
 # two cores) and caches them under ~/.cache/statefulkv; later runs are instant.
 controlplane:
 	bash hack/controlplane.sh >/dev/null
+
+# A local 3-node cluster on 127.0.0.1-3:18080 against the real control plane;
+# prints curl lines. Logs and data in .cluster/.
+cluster: controlplane
+	bash hack/cluster.sh up
+
+cluster-down:
+	bash hack/cluster.sh down
 
 vet:
 	$(GO) vet ./...
@@ -38,5 +46,5 @@ fuzz:
 bench:
 	$(GO) test -run='^$$' -bench=. -benchmem -count=$${COUNT:-5} ./internal/storage ./internal/api
 
-clean:
-	rm -rf bin
+clean: cluster-down
+	rm -rf bin .cluster

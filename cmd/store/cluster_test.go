@@ -18,10 +18,7 @@ import (
 	"testing"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
-	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"sigs.k8s.io/yaml"
 
 	"github.com/statefulkv/store/internal/kubetest"
 )
@@ -51,7 +48,9 @@ func startCluster(t *testing.T, n int, extraArgs ...string) *cluster {
 	t.Helper()
 	cp := kubetest.Start(t)
 	c := &cluster{t: t, cp: cp, nodes: map[string]*proc{}, dirs: map[string]string{}, extraArgs: extraArgs}
-	c.applyRBAC()
+	if err := cp.ApplyRBAC(context.Background(), testNS); err != nil {
+		t.Fatal(err)
+	}
 	c.kubeconfig = c.serviceAccountKubeconfig()
 	c.port = freePort(t, n)
 	for i := 1; i <= n; i++ {
@@ -60,55 +59,6 @@ func startCluster(t *testing.T, n int, extraArgs ...string) *cluster {
 		c.start(id)
 	}
 	return c
-}
-
-// applyRBAC creates the namespace and everything in deploy/rbac.yaml.
-func (c *cluster) applyRBAC() {
-	t := c.t
-	ctx := context.Background()
-	if _, err := c.cp.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: testNS}}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	root, err := kubetest.ModuleRoot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	raw, err := os.ReadFile(filepath.Join(root, "deploy", "rbac.yaml"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, doc := range bytes.Split(raw, []byte("\n---\n")) {
-		var meta metav1.TypeMeta
-		if err := yaml.Unmarshal(doc, &meta); err != nil {
-			t.Fatal(err)
-		}
-		switch meta.Kind {
-		case "ServiceAccount":
-			var o corev1.ServiceAccount
-			mustUnmarshal(t, doc, &o)
-			_, err = c.cp.Client.CoreV1().ServiceAccounts(testNS).Create(ctx, &o, metav1.CreateOptions{})
-		case "Role":
-			var o rbacv1.Role
-			mustUnmarshal(t, doc, &o)
-			_, err = c.cp.Client.RbacV1().Roles(testNS).Create(ctx, &o, metav1.CreateOptions{})
-		case "RoleBinding":
-			var o rbacv1.RoleBinding
-			mustUnmarshal(t, doc, &o)
-			_, err = c.cp.Client.RbacV1().RoleBindings(testNS).Create(ctx, &o, metav1.CreateOptions{})
-		default:
-			t.Fatalf("deploy/rbac.yaml: unexpected kind %q", meta.Kind)
-		}
-		if err != nil {
-			t.Fatalf("apply %s: %v", meta.Kind, err)
-		}
-	}
-}
-
-func mustUnmarshal(t *testing.T, doc []byte, into any) {
-	t.Helper()
-	if err := yaml.UnmarshalStrict(doc, into); err != nil {
-		t.Fatalf("deploy/rbac.yaml: %v", err)
-	}
 }
 
 // serviceAccountKubeconfig is a kubeconfig for the user the apiserver sees
@@ -752,5 +702,68 @@ func TestCluster_APIServerPaused_GateClosesCleanly_WritesResume(t *testing.T) {
 	}
 	if recovery > bound {
 		t.Fatalf("writes resumed %s after the apiserver, bound %s", recovery, bound)
+	}
+}
+
+// `kubectl port-forward svc/store` sends every request to one pod, which may
+// be any of them. Everything must work through a single follower.
+func TestCluster_SingleEntryPoint_LikePortForward(t *testing.T) {
+	c := startCluster(t, 3)
+	leader := c.leader(30 * time.Second)
+	entry := "store-1"
+	if entry == leader {
+		entry = "store-2"
+	}
+	waitFor(t, 5*time.Second, "the entry node to know the leader", func() bool {
+		st, err := c.status(entry)
+		return err == nil && st.Leader == leader
+	})
+	base := "http://" + c.addr(entry)
+	client := &http.Client{Timeout: 30 * time.Second}
+	do := func(method, path, body string, hdr ...string) (int, http.Header, string) {
+		t.Helper()
+		req, _ := http.NewRequest(method, base+path, strings.NewReader(body))
+		for i := 0; i+1 < len(hdr); i += 2 {
+			req.Header.Set(hdr[i], hdr[i+1])
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, resp.Header, string(b)
+	}
+	for i := range 20 {
+		if code, _, body := do("PUT", fmt.Sprintf("/v1/kv/pf/%02d", i), fmt.Sprintf(`{"i":%d}`, i)); code != 201 {
+			t.Fatalf("PUT pf/%02d: %d %s", i, code, body)
+		}
+	}
+	for i := range 20 {
+		if code, _, body := do("GET", fmt.Sprintf("/v1/kv/pf/%02d", i), ""); code != 200 || body != fmt.Sprintf(`{"i":%d}`, i) {
+			t.Fatalf("GET pf/%02d: %d %s", i, code, body)
+		}
+	}
+	code, h, _ := do("PUT", "/v1/kv/pf/cas", `1`)
+	if code != 201 {
+		t.Fatalf("create: %d", code)
+	}
+	if code, _, _ := do("PUT", "/v1/kv/pf/cas", `2`, "If-Match", h.Get("ETag")); code != 200 {
+		t.Fatalf("compare-and-set through the entry node: %d", code)
+	}
+	if code, _, body := do("PUT", "/v1/kv/pf/cas", `3`, "If-Match", h.Get("ETag")); code != 412 || !strings.Contains(body, "condition_failed") {
+		t.Fatalf("stale compare-and-set: %d %s", code, body)
+	}
+	if code, _, body := do("GET", "/v1/kv?prefix=pf/&limit=5", ""); code != 200 || !strings.Contains(body, `"next":"pf/04"`) {
+		t.Fatalf("list: %d %s", code, body)
+	}
+	if code, _, _ := do("DELETE", "/v1/kv/pf/00", ""); code != 200 {
+		t.Fatalf("DELETE: %d", code)
+	}
+	if code, _, body := do("GET", "/v1/kv/pf/00", ""); code != 404 || !strings.Contains(body, "key_not_found") {
+		t.Fatalf("GET after DELETE: %d %s", code, body)
+	}
+	if code, _, body := do("PUT", "/v1/kv/pf/bad", `{`); code != 400 || !strings.Contains(body, "invalid_json") {
+		t.Fatalf("bad JSON: %d %s", code, body)
 	}
 }

@@ -2,6 +2,8 @@ package kubetest
 
 import (
 	"context"
+	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -56,5 +58,13 @@ func TestControlPlane_Lease_CreateConflictReadBack(t *testing.T) {
 	if *got.Spec.HolderIdentity != "store-1" || *got.Spec.LeaseTransitions != 1 || got.ResourceVersion != updated.ResourceVersion {
 		t.Fatalf("read back holder=%s transitions=%d rv=%s; want store-1, 1, %s",
 			*got.Spec.HolderIdentity, *got.Spec.LeaseTransitions, got.ResourceVersion, updated.ResourceVersion)
+	}
+}
+
+func TestStartControlPlane_MissingBinariesSaysRunMakeControlplane(t *testing.T) {
+	t.Setenv(DirEnv, t.TempDir())
+	_, err := StartControlPlane()
+	if !errors.Is(err, ErrMissingBinaries) || !strings.Contains(err.Error(), "run make controlplane") {
+		t.Fatalf("err = %v, want one that says to run make controlplane", err)
 	}
 }
