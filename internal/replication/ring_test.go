@@ -139,8 +139,8 @@ func TestRing_Set_NoRoomIsAnErrorNotAPanic(t *testing.T) {
 		n      int
 		noRoom bool
 	}{
-		{RingConfig{PartitionCount: 7, Load: 1, VirtualNodes: 2}, 3, true},    // floor(7/3)=2, 3×2 < 7
-		{RingConfig{PartitionCount: 3, Load: 1.25, VirtualNodes: 2}, 4, true}, // more members than partitions
+		{RingConfig{PartitionCount: 7, Load: 1, VirtualNodes: 2}, 3, true},     // floor(7/3)=2, 3×2 < 7
+		{RingConfig{PartitionCount: 3, Load: 1.25, VirtualNodes: 2}, 4, true},  // more members than partitions
 		{RingConfig{PartitionCount: 10, Load: 1.1, VirtualNodes: 2}, 7, false}, // ceil(1×1.1)=2, 7×2 ≥ 10
 		{RingConfig{}, 7, false},
 	}
