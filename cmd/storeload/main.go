@@ -44,6 +44,7 @@ type config struct {
 	seed        int64
 	jsonOut     string
 	htmlOut     string
+	row         string
 }
 
 var errUsage = errors.New("usage")
@@ -71,6 +72,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.Int64Var(&c.seed, "seed", 1, "random seed for keys and the mix")
 	fs.StringVar(&c.jsonOut, "json", "", "write the report as JSON to this file")
 	fs.StringVar(&c.htmlOut, "html", "", "write an HTML latency plot to this file")
+	fs.StringVar(&c.row, "markdown-row", "", "also print the result as one markdown table row with this label")
 	if err := fs.Parse(args); err != nil {
 		return c, fmt.Errorf("%w: %w", errUsage, err)
 	}
@@ -212,6 +214,9 @@ func finish(cfg config, rec *recorder, p *plot.Plot, out io.Writer) (Report, err
 		"consistency": cfg.consistency,
 	})
 	rep.print(out)
+	if cfg.row != "" {
+		rep.markdownRow(out, cfg.row)
+	}
 	if cfg.jsonOut != "" {
 		b, _ := json.MarshalIndent(rep, "", "  ")
 		if err := os.WriteFile(cfg.jsonOut, append(b, '\n'), 0o644); err != nil {

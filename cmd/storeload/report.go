@@ -148,3 +148,13 @@ func (rep Report) print(w io.Writer) {
 	row("put", rep.Put)
 	row("get", rep.Get)
 }
+
+// MarkdownHeader matches markdownRow's columns.
+const MarkdownHeader = "| workload | ok/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | non-2xx |\n|---|---|---|---|---|---|---|---|"
+
+// markdownRow prints one table row (see MarkdownHeader).
+func (rep Report) markdownRow(w io.Writer, label string) {
+	l := rep.Latency
+	fmt.Fprintf(w, "| %s | %.0f | %.2f | %.2f | %.2f | %.2f | %.2f | %d |\n",
+		label, rep.Throughput, l.P50, l.P90, l.P99, l.P999, l.Max, rep.Requests-rep.Success)
+}
