@@ -5,34 +5,16 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"runtime"
 	"sync/atomic"
 	"testing"
-
-	"github.com/prometheus/client_golang/prometheus"
-
-	"github.com/statefulkv/store/internal/storage"
 )
 
 // benchNode serves the real API over loopback HTTP with fsync on.
 func benchNode(b *testing.B) (string, *http.Client) {
 	b.Helper()
-	reg := prometheus.NewRegistry()
-	db, err := storage.Open(b.TempDir(), storage.Options{Registerer: reg})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { _ = db.Close() })
-	srv, err := New(Config{NodeID: "bench", Store: db, Registerer: reg, Gatherer: reg})
-	if err != nil {
-		b.Fatal(err)
-	}
-	srv.SetReady(true)
-	hs := httptest.NewServer(srv)
-	b.Cleanup(hs.Close)
-	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256}}
-	return hs.URL, client
+	n := startNode(b, Config{NodeID: "bench"}, nil)
+	return n.url, &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256}}
 }
 
 func doBench(b *testing.B, client *http.Client, method, url string, body []byte, want int) {

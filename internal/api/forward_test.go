@@ -9,10 +9,6 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/prometheus/client_golang/prometheus"
-
-	"github.com/statefulkv/store/internal/storage"
 )
 
 // fakeLeadership is a hand-written Leadership with settable state.
@@ -62,28 +58,6 @@ type pair struct {
 	leaderWrap           func(http.Handler) http.Handler
 }
 
-func newClusterNode(t *testing.T, id string, ls *fakeLeadership, peerAddr func(string) (string, error), wrap func(http.Handler) http.Handler) (*testNode, *httptest.Server) {
-	t.Helper()
-	reg := prometheus.NewRegistry()
-	db, err := storage.Open(t.TempDir(), storage.Options{Registerer: reg})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = db.Close() })
-	srv, err := New(Config{NodeID: id, Store: db, Registerer: reg, Gatherer: reg, Leadership: ls, PeerAddr: peerAddr, ForwardTimeout: 500 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv.SetReady(true)
-	var h http.Handler = srv
-	if wrap != nil {
-		h = wrap(srv)
-	}
-	hs := httptest.NewServer(h)
-	t.Cleanup(hs.Close)
-	return &testNode{t: t, db: db, srv: srv, url: hs.URL}, hs
-}
-
 func newPair(t *testing.T, leaderWrap func(http.Handler) http.Handler) *pair {
 	p := &pair{leaderLS: &fakeLeadership{}, followerLS: &fakeLeadership{}, peers: map[string]string{}}
 	peerAddr := func(id string) (string, error) {
@@ -91,12 +65,13 @@ func newPair(t *testing.T, leaderWrap func(http.Handler) http.Handler) *pair {
 		defer p.peersMu.Unlock()
 		return p.peers[id], nil
 	}
-	var lhs, fhs *httptest.Server
-	p.leader, lhs = newClusterNode(t, "n-leader", p.leaderLS, peerAddr, leaderWrap)
-	p.follower, fhs = newClusterNode(t, "n-follower", p.followerLS, peerAddr, nil)
-	p.peers["n-leader"] = strings.TrimPrefix(lhs.URL, "http://")
-	p.peers["n-follower"] = strings.TrimPrefix(fhs.URL, "http://")
-	p.leaderHS = lhs
+	node := func(id string, ls *fakeLeadership, wrap func(http.Handler) http.Handler) *testNode {
+		return startNode(t, Config{NodeID: id, Leadership: ls, PeerAddr: peerAddr, ForwardTimeout: 500 * time.Millisecond}, wrap)
+	}
+	p.leader = node("n-leader", p.leaderLS, leaderWrap)
+	p.follower = node("n-follower", p.followerLS, nil)
+	p.peers["n-leader"] = strings.TrimPrefix(p.leader.url, "http://")
+	p.peers["n-follower"] = strings.TrimPrefix(p.follower.url, "http://")
 	p.leaderLS.set("n-leader", 3, true)
 	p.followerLS.set("n-leader", 3, false)
 	return p

@@ -15,13 +15,16 @@ import (
 )
 
 type testNode struct {
-	t   *testing.T
+	t   testing.TB
 	db  *storage.DB
 	srv *Server
 	url string
 }
 
-func newTestNode(t *testing.T, maxValue int64) *testNode {
+// startNode serves a Server configured by cfg, on a fresh bbolt file, over
+// loopback HTTP; wrap, if set, sits in front of it. Store, Registerer and
+// Gatherer are filled in.
+func startNode(t testing.TB, cfg Config, wrap func(http.Handler) http.Handler) *testNode {
 	t.Helper()
 	reg := prometheus.NewRegistry()
 	db, err := storage.Open(t.TempDir(), storage.Options{Registerer: reg})
@@ -29,14 +32,24 @@ func newTestNode(t *testing.T, maxValue int64) *testNode {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = db.Close() })
-	srv, err := New(Config{NodeID: "n1", BuildVersion: "test", Store: db, MaxValueBytes: maxValue, Registerer: reg, Gatherer: reg})
+	cfg.Store, cfg.Registerer, cfg.Gatherer = db, reg, reg
+	srv, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	srv.SetReady(true)
-	hs := httptest.NewServer(srv)
+	var h http.Handler = srv
+	if wrap != nil {
+		h = wrap(srv)
+	}
+	hs := httptest.NewServer(h)
 	t.Cleanup(hs.Close)
 	return &testNode{t: t, db: db, srv: srv, url: hs.URL}
+}
+
+func newTestNode(t *testing.T, maxValue int64) *testNode {
+	t.Helper()
+	return startNode(t, Config{NodeID: "n1", BuildVersion: "test", MaxValueBytes: maxValue}, nil)
 }
 
 type response struct {
