@@ -38,6 +38,7 @@ type cluster struct {
 	t          *testing.T
 	cp         *kubetest.ControlPlane
 	kubeconfig string
+	tokenFile  string
 	port       int
 	nodes      map[string]*proc // by id: store-1 .. store-N
 	dirs       map[string]string
@@ -52,6 +53,10 @@ func startCluster(t *testing.T, n int, extraArgs ...string) *cluster {
 		t.Fatal(err)
 	}
 	c.kubeconfig = c.serviceAccountKubeconfig()
+	c.tokenFile = filepath.Join(t.TempDir(), "peer-token")
+	if err := os.WriteFile(c.tokenFile, []byte("cluster-test-token-0123456789\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	c.port = freePort(t, n)
 	for i := 1; i <= n; i++ {
 		id := fmt.Sprintf("store-%d", i)
@@ -112,6 +117,7 @@ func (c *cluster) start(id string) *proc {
 		"--renew-deadline", testRenew.String(),
 		"--retry-period", testRetry.String(),
 		"--peer-address-template", fmt.Sprintf("127.0.0.{ordinal}:%d", c.port),
+		"--peer-token-file", c.tokenFile,
 	}, c.extraArgs...)
 	p := startStore(c.t, args...)
 	c.nodes[id] = p
@@ -309,20 +315,33 @@ func TestCluster_Routing_NoLoops_Redirect_Idempotent(t *testing.T) {
 	c.awaitLeaderKnown(leader, follower)
 	noRedirect := &http.Client{Timeout: 10 * time.Second, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 
-	req, _ := http.NewRequest(http.MethodPut, "http://"+c.addr(follower)+"/v1/kv/loop", strings.NewReader("1"))
-	req.Header.Set("X-Store-Forwarded-By", "store-9")
-	resp, err := noRedirect.Do(req)
+	token, err := os.ReadFile(c.tokenFile)
 	if err != nil {
 		t.Fatal(err)
 	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != 503 || !strings.Contains(string(body), `"not_leader"`) {
-		t.Fatalf("forwarded request at a follower: %d %s", resp.StatusCode, body)
+	asPeer := func(withToken bool) (int, string) {
+		req, _ := http.NewRequest(http.MethodPut, "http://"+c.addr(follower)+"/v1/kv/loop", strings.NewReader("1"))
+		req.Header.Set("X-Store-Forwarded-By", "store-9")
+		if withToken {
+			req.Header.Set("X-Store-Peer-Token", strings.TrimSpace(string(token)))
+		}
+		resp, err := noRedirect.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode, string(body)
+	}
+	if code, body := asPeer(false); code != 401 || !strings.Contains(body, `"peer_unauthenticated"`) {
+		t.Fatalf("peer header without the token: %d %s", code, body)
+	}
+	if code, body := asPeer(true); code != 503 || !strings.Contains(body, `"not_leader"`) {
+		t.Fatalf("forwarded request at a follower: %d %s", code, body)
 	}
 
-	req, _ = http.NewRequest(http.MethodPut, "http://"+c.addr(follower)+"/v1/kv/r?redirect=true", strings.NewReader("1"))
-	resp, err = noRedirect.Do(req)
+	req, _ := http.NewRequest(http.MethodPut, "http://"+c.addr(follower)+"/v1/kv/r?redirect=true", strings.NewReader("1"))
+	resp, err := noRedirect.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}

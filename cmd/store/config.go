@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -39,6 +40,9 @@ type config struct {
 	renewDeadline time.Duration
 	retryPeriod   time.Duration
 	peerTemplate  string
+	// peerToken is the cluster secret: from --peer-token-file, else the
+	// STORE_PEER_TOKEN variable (never a flag value, which ps would show).
+	peerToken string
 }
 
 // errUsage marks errors that are the operator's to fix (bad flag or env);
@@ -61,6 +65,7 @@ var envFor = map[string]string{
 	"renew-deadline":        "STORE_RENEW_DEADLINE",
 	"retry-period":          "STORE_RETRY_PERIOD",
 	"peer-address-template": "STORE_PEER_ADDRESS_TEMPLATE",
+	"peer-token-file":       "STORE_PEER_TOKEN_FILE",
 }
 
 // parseConfig reads flags from args and fallbacks from getenv, applies
@@ -87,6 +92,8 @@ func parseConfig(args []string, getenv func(string) string, hostname string, std
 	fs.DurationVar(&c.leaseDuration, "lease-duration", 15*time.Second, "how long followers wait on a silent leader before taking over (env STORE_LEASE_DURATION)")
 	fs.DurationVar(&c.renewDeadline, "renew-deadline", 10*time.Second, "how long a leader may fail to renew before it stops accepting writes (env STORE_RENEW_DEADLINE)")
 	fs.DurationVar(&c.retryPeriod, "retry-period", 2*time.Second, "interval between Lease attempts (env STORE_RETRY_PERIOD)")
+	var tokenFile string
+	fs.StringVar(&tokenFile, "peer-token-file", "", "`file` holding the cluster token nodes present to each other; or set STORE_PEER_TOKEN (env STORE_PEER_TOKEN_FILE)")
 	fs.StringVar(&c.peerTemplate, "peer-address-template", "{id}.store-peers.{namespace}.svc:8080", "host:port of a peer from its `template` with {id}, {namespace}, {ordinal} (env STORE_PEER_ADDRESS_TEMPLATE)")
 	if err := fs.Parse(args); err != nil {
 		return config{}, fmt.Errorf("%w: %w", errUsage, err)
@@ -130,6 +137,14 @@ func parseConfig(args []string, getenv func(string) string, hostname string, std
 	}
 	if c.shutdownTimeout, err = time.ParseDuration(shutdown); err != nil || c.shutdownTimeout <= 0 {
 		return config{}, bad("shutdown-timeout", "%q is not a positive duration such as 20s", shutdown)
+	}
+	c.peerToken = getenv("STORE_PEER_TOKEN")
+	if tokenFile != "" {
+		b, err := os.ReadFile(tokenFile)
+		if err != nil {
+			return config{}, bad("peer-token-file", "%v", err)
+		}
+		c.peerToken = strings.TrimSpace(string(b))
 	}
 	return c, nil
 }

@@ -38,6 +38,9 @@ func TestParseConfig(t *testing.T) {
 		{"bad shutdown timeout", []string{"--shutdown-timeout", "-1s"}, nil, nil, "--shutdown-timeout"},
 		{"unknown flag", []string{"--nope"}, nil, nil, "-nope"},
 		{"stray argument", []string{"serve"}, nil, nil, `"serve"`},
+		{"peer token from env", nil, map[string]string{"STORE_PEER_TOKEN": "s3cret-s3cret-s3cret"},
+			func(c config) bool { return c.peerToken == "s3cret-s3cret-s3cret" }, ""},
+		{"missing peer token file", []string{"--peer-token-file", "/nonexistent/token"}, nil, nil, "--peer-token-file"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -259,6 +259,24 @@ func TestStore_StartupErrors(t *testing.T) {
 			t.Fatalf("exit code %d, want 2", cmd.ProcessState.ExitCode())
 		}
 	})
+	t.Run("cluster mode without a peer token", func(t *testing.T) {
+		kc := filepath.Join(t.TempDir(), "kubeconfig")
+		if err := os.WriteFile(kc, []byte(`apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "https://127.0.0.1:1"}}]
+users: [{name: u, user: {token: x}}]
+contexts: [{name: c, context: {cluster: c, user: u}}]
+current-context: c
+`), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		cmd := exec.Command(bin, "--listen", "127.0.0.1:0", "--data-dir", t.TempDir(), "--kubeconfig", kc, "--namespace", "ns")
+		cmd.Env = append(os.Environ(), "STORE_PEER_TOKEN=")
+		out, _ := cmd.CombinedOutput()
+		if cmd.ProcessState.ExitCode() != 2 || !strings.Contains(string(out), "STORE_PEER_TOKEN") {
+			t.Fatalf("exit %d, want 2 and a message naming STORE_PEER_TOKEN:\n%s", cmd.ProcessState.ExitCode(), out)
+		}
+	})
 	t.Run("data dir locked by a running store", func(t *testing.T) {
 		dir := t.TempDir()
 		startStore(t, "--data-dir", dir)

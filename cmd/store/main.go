@@ -173,6 +173,10 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 		Gatherer:      reg,
 	}
 	if elector != nil {
+		if len(cfg.peerToken) < 16 {
+			return fmt.Errorf("%w: cluster mode needs the peer token, at least 16 bytes: set STORE_PEER_TOKEN (deploy/ fills it from the Secret store-peer-token) or --peer-token-file", errUsage)
+		}
+		apiCfg.PeerToken = cfg.peerToken
 		peerAddr, err := api.PeerAddrFromTemplate(cfg.peerTemplate, cfg.namespace)
 		if err != nil {
 			return fmt.Errorf("%w: --peer-address-template (env STORE_PEER_ADDRESS_TEMPLATE): %w", errUsage, err)

@@ -12,6 +12,8 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -77,6 +79,11 @@ func run() error {
 		return err
 	}
 
+	token := filepath.Join(*state, "peer-token")
+	if err := os.WriteFile(token, []byte(randomToken()+"\n"), 0o600); err != nil {
+		return err
+	}
+
 	var procs []*exec.Cmd
 	defer func() {
 		// Graceful first: each node drains and releases the Lease.
@@ -108,6 +115,7 @@ func run() error {
 			"--kubeconfig", sa,
 			"--namespace", namespace,
 			"--peer-address-template", fmt.Sprintf("127.0.0.{ordinal}:%d", *port),
+			"--peer-token-file", token,
 		)
 		cmd.Stdout, cmd.Stderr = logf, logf
 		if err := cmd.Start(); err != nil {
@@ -174,4 +182,10 @@ func printUsage(state string, nodes, port int, leader, apiserver string) {
 	fmt.Fprintf(&b, "  curl http://127.0.0.3:%d/v1/status\n", port)
 	fmt.Fprintf(&b, "stop it with: make cluster-down\n")
 	fmt.Print(b.String())
+}
+
+func randomToken() string {
+	var b [24]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }

@@ -37,6 +37,7 @@ var errorTable = []struct {
 	{errInvalidJSON, http.StatusBadRequest, "invalid_json"},
 	{errInvalidParameter, http.StatusBadRequest, "invalid_parameter"},
 	{errInvalidPrecondition, http.StatusBadRequest, "invalid_precondition"},
+	{errPeerAuth, http.StatusUnauthorized, "peer_unauthenticated"},
 	{errRouteNotFound, http.StatusNotFound, "route_not_found"},
 	{storage.ErrNotFound, http.StatusNotFound, "key_not_found"},
 	{errMethodNotAllowed, http.StatusMethodNotAllowed, "method_not_allowed"},

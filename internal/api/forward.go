@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/subtle"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -33,6 +34,9 @@ const (
 	// forwarding node has seen. A leader of an older term learns from it
 	// that it has been superseded and steps down before applying anything.
 	HeaderSeenEpoch = "X-Store-Seen-Epoch"
+	// HeaderPeerToken authenticates a request as coming from another node of
+	// the cluster; the peer headers above are honoured only with it.
+	HeaderPeerToken = "X-Store-Peer-Token"
 )
 
 // Leadership is what the API needs from leader election.
@@ -48,6 +52,7 @@ type Leadership interface {
 }
 
 var (
+	errPeerAuth       = errors.New("peer authentication failed")
 	errNotLeader      = errors.New("not the leader")
 	errNoLeader       = errors.New("no leader")
 	errOutcomeUnknown = errors.New("outcome unknown")
@@ -129,6 +134,24 @@ func (s *Server) newForwarder() *retryablehttp.Client {
 	}
 	c.ErrorHandler = retryablehttp.PassthroughErrorHandler
 	return c
+}
+
+// peerAuth refuses requests that carry the peer headers (which can depose a
+// leader or bypass forwarding) without the cluster token, so a client that
+// can reach the port cannot pose as a node. The comparison takes constant
+// time and the token is never logged.
+func (s *Server) peerAuth(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get(HeaderForwarded) != "" || r.Header.Get(HeaderSeenEpoch) != "" || r.Header.Get(HeaderPeerToken) != "" {
+			got := []byte(r.Header.Get(HeaderPeerToken))
+			if subtle.ConstantTimeCompare(got, []byte(s.cfg.PeerToken)) != 1 {
+				s.writeError(w, r, fmt.Errorf("%w: %s and %s are for nodes of this cluster and need a valid %s",
+					errPeerAuth, HeaderForwarded, HeaderSeenEpoch, HeaderPeerToken))
+				return
+			}
+		}
+		next.ServeHTTP(w, r)
+	})
 }
 
 // isDialError reports whether err happened before the request could be
@@ -236,6 +259,7 @@ func (s *Server) proxy(w http.ResponseWriter, r *http.Request, addr string, body
 		}
 	}
 	req.Header.Set(HeaderForwarded, s.cfg.NodeID)
+	req.Header.Set(HeaderPeerToken, s.cfg.PeerToken)
 	if _, seen := s.cfg.Leadership.Leader(); seen != 0 {
 		req.Header.Set(HeaderSeenEpoch, strconv.FormatUint(seen, 10))
 	}

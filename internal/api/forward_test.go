@@ -66,7 +66,7 @@ func newPair(t *testing.T, leaderWrap func(http.Handler) http.Handler) *pair {
 		return p.peers[id], nil
 	}
 	node := func(id string, ls *fakeLeadership, wrap func(http.Handler) http.Handler) *testNode {
-		return startNode(t, Config{NodeID: id, Leadership: ls, PeerAddr: peerAddr, ForwardTimeout: 500 * time.Millisecond}, wrap)
+		return startNode(t, Config{NodeID: id, Leadership: ls, PeerAddr: peerAddr, ForwardTimeout: 500 * time.Millisecond, PeerToken: testToken}, wrap)
 	}
 	p.leader = node("n-leader", p.leaderLS, leaderWrap)
 	p.follower = node("n-follower", p.followerLS, nil)
@@ -103,9 +103,11 @@ func TestForward_FollowerWriteLandsOnLeader(t *testing.T) {
 	}
 }
 
+const testToken = "0123456789abcdef-test"
+
 func TestForward_ForwardedRequestIsNeverForwardedAgain(t *testing.T) {
 	p := newPair(t, nil)
-	r := p.follower.do("PUT", "/v1/kv/a", `1`, HeaderForwarded, "n-other")
+	r := p.follower.do("PUT", "/v1/kv/a", `1`, HeaderForwarded, "n-other", HeaderPeerToken, testToken)
 	if r.status != 503 || errorCode(t, r.body) != "not_leader" || r.header.Get("Retry-After") == "" {
 		t.Fatalf("forwarded PUT at a follower: %d %s", r.status, r.body)
 	}
@@ -248,5 +250,29 @@ func TestPeerAddrFromTemplate(t *testing.T) {
 	}
 	if _, err := PeerAddrFromTemplate("static:80", "prod"); err == nil {
 		t.Error("a template without {id} or {ordinal} was accepted")
+	}
+}
+
+// A client that can reach the port cannot pose as a node: the peer headers
+// without the cluster token (or with a wrong one) are refused, change
+// nothing, and depose nobody.
+func TestForward_PeerHeadersNeedTheToken(t *testing.T) {
+	for _, hdr := range [][]string{
+		{HeaderForwarded, "store-9"},
+		{HeaderSeenEpoch, "99"},
+		{HeaderSeenEpoch, "99", HeaderPeerToken, "wrong-token-wrong-token"},
+		{HeaderPeerToken, testToken + "x"},
+	} {
+		p := newPair(t, nil)
+		r := p.leader.do("PUT", "/v1/kv/a", `1`, hdr...)
+		if r.status != 401 || errorCode(t, r.body) != "peer_unauthenticated" {
+			t.Fatalf("%v: %d %s", hdr, r.status, r.body)
+		}
+		if strings.Contains(r.body, testToken) {
+			t.Fatal("the error body shows the token")
+		}
+		if _, open := p.leaderLS.WriteGate(); !open || p.leader.db.LastSeq() != 0 || len(p.leaderLS.observed) != 0 {
+			t.Fatalf("%v: a refused request had an effect", hdr)
+		}
 	}
 }

@@ -65,6 +65,9 @@ type Config struct {
 	// ForwardTimeout bounds one forwarded request, retries included; it
 	// should cover a leader change (lease duration + retry period). Default 30s.
 	ForwardTimeout time.Duration
+	// PeerToken is the shared cluster secret nodes present to each other;
+	// required with Leadership, at least 16 bytes.
+	PeerToken string
 }
 
 // DefaultMaxValueBytes is the default --max-value-bytes.
@@ -99,6 +102,9 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Leadership != nil && cfg.PeerAddr == nil {
 		return nil, errors.New("api: Config.PeerAddr is required with Leadership")
 	}
+	if cfg.Leadership != nil && len(cfg.PeerToken) < 16 {
+		return nil, errors.New("api: Config.PeerToken of at least 16 bytes is required with Leadership")
+	}
 	if cfg.ForwardTimeout <= 0 {
 		cfg.ForwardTimeout = 30 * time.Second
 	}
@@ -131,6 +137,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.handler.S
 func (s *Server) routes() http.Handler {
 	r := chi.NewRouter()
 	r.Use(s.instrument)
+	if s.cfg.Leadership != nil {
+		r.Use(s.peerAuth)
+	}
 	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, fmt.Errorf("%w: %s %s; the API lives under /v1/kv", errRouteNotFound, r.Method, r.URL.Path))
 	})
