@@ -122,8 +122,16 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	// Cluster mode: build (and so validate) the elector before touching
-	// the disk, so a bad flag fails fast.
+	db, err := storage.Open(cfg.dataDir, storage.Options{Registerer: reg})
+	if err != nil {
+		return fmt.Errorf("open storage (--data-dir %s): %w", cfg.dataDir, err)
+	}
+	defer func() {
+		if err := db.Close(); err != nil {
+			log.Error("close storage", "err", err)
+		}
+	}()
+
 	var elector *election.Elector
 	if restCfg != nil && cfg.namespace == "" {
 		// In a pod the service account token's folder names the namespace.
@@ -147,21 +155,12 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 			RetryPeriod:   cfg.retryPeriod,
 			Logger:        log,
 			Registerer:    reg,
+			EpochFloor:    db.FenceEpoch,
 		})
 		if err != nil {
 			return err
 		}
 	}
-
-	db, err := storage.Open(cfg.dataDir, storage.Options{Registerer: reg})
-	if err != nil {
-		return fmt.Errorf("open storage (--data-dir %s): %w", cfg.dataDir, err)
-	}
-	defer func() {
-		if err := db.Close(); err != nil {
-			log.Error("close storage", "err", err)
-		}
-	}()
 
 	apiCfg := api.Config{
 		NodeID:        cfg.nodeID,

@@ -47,6 +47,7 @@ var errorTable = []struct {
 	{errNotReady, http.StatusServiceUnavailable, "not_ready"},
 	{errNotLeader, http.StatusServiceUnavailable, "not_leader"},
 	{errNoLeader, http.StatusServiceUnavailable, "no_leader"},
+	{storage.ErrStaleEpoch, http.StatusServiceUnavailable, "stale_epoch"},
 	{errLeaderTimeout, http.StatusGatewayTimeout, "outcome_unknown"},
 	{errOutcomeUnknown, http.StatusBadGateway, "outcome_unknown"},
 	{storage.ErrRequestIDReused, http.StatusConflict, "request_id_reused"},

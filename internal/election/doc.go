@@ -9,7 +9,9 @@
 //   - Each leadership term has an epoch, leaseTransitions+1 of the Lease
 //     record this node wrote when it acquired. The apiserver's optimistic
 //     concurrency means no two terms share an epoch, and a later term always
-//     has a higher one.
+//     has a higher one. With Config.EpochFloor, a term also starts above the
+//     newest term the node has admitted, so a deleted Lease does not restart
+//     epochs at 1.
 //   - The write gate (WriteGate) is open only while now < start of the last
 //     successful renewal + RenewDeadline, on this process's monotonic clock.
 //     RenewDeadline < LeaseDuration, so the gate shuts before any other node

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"sync"
 	"time"
 
@@ -51,6 +52,12 @@ type Config struct {
 	Logger *slog.Logger
 	// Registerer receives the election metrics; nil registers nothing.
 	Registerer prometheus.Registerer
+	// EpochFloor, if set, returns the newest term this node has admitted
+	// (storage.DB.FenceEpoch). When the Lease does not exist (first start,
+	// or someone deleted it) and this node creates it, the new term starts
+	// above that floor instead of at 1, so the nodes' fences do not refuse
+	// every write of a cluster whose Lease was reset.
+	EpochFloor func() uint64
 }
 
 // Status is a snapshot of what this node knows about leadership.
@@ -307,7 +314,30 @@ func (l *observingLock) Get(ctx context.Context) (*rl.LeaderElectionRecord, []by
 	return rec, raw, err
 }
 
+// termRecord fixes the transitions count of a record this node is about to
+// write for itself: a renewal keeps its term's count (client-go would write
+// back the count it last observed, which is stale once it has been raised),
+// and an acquisition starts at least at the epoch floor.
+func (e *Elector) termRecord(rec *rl.LeaderElectionRecord) {
+	if rec.HolderIdentity != e.cfg.Identity {
+		return
+	}
+	e.mu.Lock()
+	mine := e.myEpoch
+	e.mu.Unlock()
+	if mine != 0 {
+		rec.LeaderTransitions = int(mine - 1)
+		return
+	}
+	if floor := e.cfg.EpochFloor; floor != nil {
+		if f := floor(); uint64(rec.LeaderTransitions) < f && f < math.MaxInt32 {
+			rec.LeaderTransitions = int(f) // epoch = transitions+1 = floor+1
+		}
+	}
+}
+
 func (l *observingLock) Create(ctx context.Context, rec rl.LeaderElectionRecord) error {
+	l.e.termRecord(&rec)
 	start := time.Now()
 	err := l.Interface.Create(ctx, rec)
 	if err == nil {
@@ -317,6 +347,7 @@ func (l *observingLock) Create(ctx context.Context, rec rl.LeaderElectionRecord)
 }
 
 func (l *observingLock) Update(ctx context.Context, rec rl.LeaderElectionRecord) error {
+	l.e.termRecord(&rec)
 	start := time.Now()
 	err := l.Interface.Update(ctx, rec)
 	if err == nil {

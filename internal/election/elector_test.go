@@ -255,3 +255,21 @@ func TestNew_InvalidConfig(t *testing.T) {
 		t.Fatalf("defaults rejected: %v", err)
 	}
 }
+
+// A node that has admitted term 7 and finds no Lease (deleted, or a fresh
+// control plane) starts the new term above it, not at 1.
+func TestElector_CreatedLeaseStartsAboveTheEpochFloor(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		api := newAPIServer()
+		e, err := New(Config{Client: api, Namespace: ns, Identity: "store-0", Logger: quiet(), EpochFloor: func() uint64 { return 7 }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		stop := run(e)
+		defer stop()
+		time.Sleep(2 * DefaultRetryPeriod)
+		if epoch, open := e.WriteGate(); !open || epoch != 8 {
+			t.Fatalf("epoch %d open %v, want leader at epoch 8", epoch, open)
+		}
+	})
+}

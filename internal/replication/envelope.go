@@ -1,9 +1,10 @@
 package replication
 
 import (
-	"errors"
 	"fmt"
 	"sync"
+
+	"github.com/statefulkv/store/internal/storage"
 )
 
 // Envelope heads every leader-to-follower message (replication batches,
@@ -20,7 +21,7 @@ type Envelope struct {
 // has already seen: its sender has been superseded. The sender must step
 // down (election.Elector.ObserveEpoch) and must not count the message as
 // delivered.
-var ErrStaleEpoch = errors.New("stale epoch")
+var ErrStaleEpoch = storage.ErrStaleEpoch
 
 // Fence remembers the newest term this node has seen and refuses messages
 // from older ones, so a paused or partitioned old leader can do no harm

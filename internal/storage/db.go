@@ -31,6 +31,7 @@ var (
 
 	metaFormat = []byte("format")
 	metaSeq    = []byte("seq")
+	metaFence  = []byte("fence_epoch")
 )
 
 // Options configures Open. The zero value is usable.
@@ -106,11 +107,20 @@ type DB struct {
 	done   chan struct{}
 }
 
+// request is one unit of work for the committer: a local Mutation, or (when
+// repl is set) a batch of replicated entries.
 type request struct {
 	m    Mutation
+	repl *replBatch
 	res  Result
 	err  error
 	done chan struct{}
+}
+
+type replBatch struct {
+	epoch   uint64
+	entries []Entry
+	applied int
 }
 
 // Open opens (creating if needed) the store in dir.
@@ -284,7 +294,8 @@ func (db *DB) LastSeq() uint64 {
 // Apply durably applies m and returns the entry it produced. It returns only
 // after the commit holding m has been fsynced. Failed preconditions return a
 // *ConditionError (errors.Is ErrConditionFailed); deleting a missing key
-// returns ErrNotFound. In both cases nothing is written.
+// returns ErrNotFound; a mutation from an older term than this node has
+// admitted returns ErrStaleEpoch. In all these cases nothing is written.
 //
 // If ctx ends first Apply returns ctx.Err(), but the mutation may still be
 // committed: the caller must treat the outcome as unknown.
@@ -293,21 +304,55 @@ func (db *DB) Apply(ctx context.Context, m Mutation) (Result, error) {
 		return Result{}, fmt.Errorf("storage: apply: %w", ErrInvalidMutation)
 	}
 	r := &request{m: m, done: make(chan struct{})}
+	if err := db.submit(ctx, r); err != nil {
+		return Result{}, fmt.Errorf("storage: apply: %w", err)
+	}
+	return r.res, nil
+}
+
+// ApplyReplicated durably applies entries sent by the leader of term epoch
+// and returns after fsync. Each entry is stored only if its version is
+// newer than the key's current one, so duplicates and reordering are
+// harmless; applied counts the entries that changed the store. If this node
+// has already admitted a newer term, the whole batch is refused with
+// ErrStaleEpoch and nothing changes. Admitting a batch raises the node's
+// fence (FenceEpoch) in the same transaction.
+func (db *DB) ApplyReplicated(ctx context.Context, epoch uint64, entries []Entry) (applied int, err error) {
+	if epoch == 0 {
+		return 0, fmt.Errorf("storage: apply replicated: %w: epoch 0", ErrInvalidMutation)
+	}
+	r := &request{repl: &replBatch{epoch: epoch, entries: entries}, done: make(chan struct{})}
+	if err := db.submit(ctx, r); err != nil {
+		return 0, fmt.Errorf("storage: apply replicated: %w", err)
+	}
+	return r.repl.applied, nil
+}
+
+// FenceEpoch returns the newest leadership term this node has admitted,
+// locally or by replication. It survives restarts.
+func (db *DB) FenceEpoch() uint64 {
+	var e uint64
+	_ = db.bolt.View(func(tx *bolt.Tx) error {
+		e = readUint(tx.Bucket(bucketMeta), metaFence)
+		return nil
+	})
+	return e
+}
+
+// submit queues r for the committer and waits for its outcome.
+func (db *DB) submit(ctx context.Context, r *request) error {
 	db.mu.RLock()
 	if db.closed {
 		db.mu.RUnlock()
-		return Result{}, fmt.Errorf("storage: apply: %w", ErrClosed)
+		return ErrClosed
 	}
 	db.reqs <- r
 	db.mu.RUnlock()
 	select {
 	case <-r.done:
-		if r.err != nil {
-			return Result{}, fmt.Errorf("storage: apply: %w", r.err)
-		}
-		return r.res, nil
+		return r.err
 	case <-ctx.Done():
-		return Result{}, fmt.Errorf("storage: apply: outcome unknown: %w", ctx.Err())
+		return fmt.Errorf("outcome unknown: %w", ctx.Err())
 	}
 }
 
@@ -371,16 +416,38 @@ func (db *DB) commit(batch []*request) {
 	start := time.Now()
 	err := db.bolt.Update(func(tx *bolt.Tx) error {
 		meta, kv, reqs := tx.Bucket(bucketMeta), tx.Bucket(bucketKV), tx.Bucket(bucketRequests)
-		seq := readSeq(meta)
-		wrote := false
+		seq, fence := readSeq(meta), readUint(meta, metaFence)
+		seq0, fence0 := seq, fence
 		for _, r := range batch {
-			r.res, r.err = applyIdempotent(kv, reqs, &seq, r.m, start)
-			wrote = wrote || (r.err == nil && !r.res.Replayed)
+			// Every request, local or replicated, passes the same fence in
+			// commit order: once a newer term has been admitted here, an
+			// older term can neither write locally nor replicate.
+			epoch := r.m.Epoch
+			if r.repl != nil {
+				epoch = r.repl.epoch
+			}
+			if epoch < fence {
+				r.err = fmt.Errorf("%w: term %d, this node has admitted term %d", ErrStaleEpoch, epoch, fence)
+				continue
+			}
+			if r.repl != nil {
+				r.err = applyReplicated(kv, &seq, r.repl)
+			} else {
+				r.res, r.err = applyIdempotent(kv, reqs, &seq, r.m, start)
+			}
+			if r.err == nil {
+				fence = epoch
+			}
 		}
-		if !wrote {
-			return nil
+		if seq != seq0 {
+			if err := meta.Put(metaSeq, binary.BigEndian.AppendUint64(nil, seq)); err != nil {
+				return err
+			}
 		}
-		return meta.Put(metaSeq, binary.BigEndian.AppendUint64(nil, seq))
+		if fence != fence0 {
+			return meta.Put(metaFence, binary.BigEndian.AppendUint64(nil, fence))
+		}
+		return nil
 	})
 	db.metrics.observeCommit(time.Since(start), len(batch))
 	for _, r := range batch {
@@ -459,9 +526,39 @@ func applyOne(kv *bolt.Bucket, seq *uint64, m Mutation) (Result, error) {
 	return Result{Entry: e, Created: !exists && !m.Delete}, nil
 }
 
-func readSeq(meta *bolt.Bucket) uint64 {
-	if raw := meta.Get(metaSeq); len(raw) == 8 {
+func readSeq(meta *bolt.Bucket) uint64 { return readUint(meta, metaSeq) }
+
+func readUint(meta *bolt.Bucket, key []byte) uint64 {
+	if raw := meta.Get(key); len(raw) == 8 {
 		return binary.BigEndian.Uint64(raw)
 	}
 	return 0
+}
+
+// applyReplicated stores each entry whose version is newer than the key's
+// current one (live or tombstone). Older or equal versions are skipped, so
+// a batch may be re-sent or arrive after a newer one without harm.
+func applyReplicated(kv *bolt.Bucket, seq *uint64, b *replBatch) error {
+	b.applied = 0
+	for _, e := range b.entries {
+		if e.Key == "" || e.Version.IsZero() {
+			return fmt.Errorf("%w: replicated entry without key or version", ErrInvalidMutation)
+		}
+		key := []byte(e.Key)
+		if raw := kv.Get(key); raw != nil {
+			cur, _, ok := recordVersion(raw)
+			if !ok {
+				return fmt.Errorf("%w: key %q", ErrCorrupt, e.Key)
+			}
+			if !cur.Less(e.Version) {
+				continue
+			}
+		}
+		if err := kv.Put(key, encodeRecord(e.Version, e.Value, e.Deleted)); err != nil {
+			return err
+		}
+		*seq = max(*seq, e.Version.Seq)
+		b.applied++
+	}
+	return nil
 }

@@ -371,3 +371,75 @@ func TestDB_RequestID_RetryIsNotAppliedTwice(t *testing.T) {
 		t.Fatalf("after sweep: %+v, %v", res, err)
 	}
 }
+
+func TestDB_ApplyReplicated_NewerVersionWins(t *testing.T) {
+	db := openTest(t, t.TempDir())
+	ctx := context.Background()
+	e := func(key, val string, epoch, seq uint64, del bool) Entry {
+		return Entry{Key: key, Value: []byte(val), Version: Version{epoch, seq}, Deleted: del}
+	}
+	n, err := db.ApplyReplicated(ctx, 2, []Entry{e("a", "1", 2, 10, false), e("b", "1", 2, 11, false)})
+	if err != nil || n != 2 {
+		t.Fatalf("first batch: %d, %v", n, err)
+	}
+	// A re-sent batch and an older version change nothing; a newer one wins,
+	// even within the same batch as an older one.
+	n, err = db.ApplyReplicated(ctx, 2, []Entry{e("a", "1", 2, 10, false), e("a", "old", 1, 99, false), e("b", "2", 2, 12, false), e("b", "stale", 2, 11, false)})
+	if err != nil || n != 1 {
+		t.Fatalf("second batch applied %d (want 1), %v", n, err)
+	}
+	if got, _ := db.Get("b"); string(got.Value) != "2" || got.Version != (Version{2, 12}) {
+		t.Fatalf("b = %s at %v", got.Value, got.Version)
+	}
+	// A replicated tombstone deletes; a late older put does not resurrect.
+	if _, err := db.ApplyReplicated(ctx, 3, []Entry{e("a", "", 3, 1, true)}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.ApplyReplicated(ctx, 3, []Entry{e("a", "zombie", 2, 50, false)}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Get("a"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("a after tombstone and a late older put: %v", err)
+	}
+	if db.LastSeq() != 12 {
+		t.Fatalf("LastSeq = %d, want the highest replicated seq 12", db.LastSeq())
+	}
+}
+
+// Once a node has admitted term 5, term 4 can neither replicate to it nor
+// write on it, and the mark survives a restart.
+func TestDB_Fence_StaleEpochRefusedAndPersisted(t *testing.T) {
+	dir := t.TempDir()
+	db, err := Open(dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if _, err := db.ApplyReplicated(ctx, 5, []Entry{{Key: "k", Value: []byte("5"), Version: Version{5, 1}}}); err != nil {
+		t.Fatal(err)
+	}
+	before := db.LastSeq()
+	if _, err := db.ApplyReplicated(ctx, 4, []Entry{{Key: "other", Value: []byte("4"), Version: Version{4, 9}}}); !errors.Is(err, ErrStaleEpoch) {
+		t.Fatalf("replication from term 4: %v", err)
+	}
+	if _, err := db.Apply(ctx, Mutation{Key: "local", Value: []byte("4"), Epoch: 4}); !errors.Is(err, ErrStaleEpoch) {
+		t.Fatalf("local write in term 4: %v", err)
+	}
+	if _, err := db.Get("other"); !errors.Is(err, ErrNotFound) || db.LastSeq() != before {
+		t.Fatal("a refused batch changed the store")
+	}
+	_ = db.Close()
+	db = openTest(t, dir)
+	if db.FenceEpoch() != 5 {
+		t.Fatalf("fence after restart = %d", db.FenceEpoch())
+	}
+	if _, err := db.Apply(ctx, Mutation{Key: "local", Value: []byte("4"), Epoch: 4}); !errors.Is(err, ErrStaleEpoch) {
+		t.Fatalf("local write in term 4 after restart: %v", err)
+	}
+	if _, err := db.Apply(ctx, Mutation{Key: "local", Value: []byte("6"), Epoch: 6}); err != nil {
+		t.Fatalf("term 6: %v", err)
+	}
+	if db.FenceEpoch() != 6 {
+		t.Fatalf("fence = %d after a term-6 write", db.FenceEpoch())
+	}
+}

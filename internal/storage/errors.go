@@ -33,6 +33,11 @@ var (
 	// sent again for another key; nothing was written.
 	ErrRequestIDReused = errors.New("request id reused for another key")
 
+	// ErrStaleEpoch means a write came from an older leadership term than
+	// one this node has already admitted; nothing was written. Its sender has
+	// been superseded.
+	ErrStaleEpoch = errors.New("stale epoch")
+
 	// ErrLocked means another process holds the database file.
 	ErrLocked = errors.New("database file is locked by another process")
 )
