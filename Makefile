@@ -5,7 +5,7 @@ GO ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: all build run test unit controlplane cluster cluster-down fuzz bench vet clean
+.PHONY: all build run test unit controlplane cluster cluster-down image fuzz bench vet clean
 
 all: build
 
@@ -28,12 +28,20 @@ cluster: controlplane
 cluster-down:
 	bash hack/cluster.sh down
 
+# The container image as a docker-archive tarball, without a Docker daemon or
+# network: a static binary on an empty base, non-root (hack/image).
+image:
+	CGO_ENABLED=0 GOOS=linux GOARCH=amd64 $(GO) build -trimpath -ldflags "-s -w $(LDFLAGS)" -o bin/store-linux ./cmd/store
+	cd hack/image && $(GO) run . -binary ../../bin/store-linux -out ../../bin/store-image.tar -tag statefulkv/store:$(VERSION) -version $(VERSION)
+
 vet:
 	$(GO) vet ./...
+	cd hack/image && $(GO) vet ./...
 
 # Every test, including the integration tests against the real control plane.
 test: controlplane vet
 	$(GO) test -race -count=1 -timeout 30m ./...
+	cd hack/image && $(GO) test -count=1 ./...
 
 # Fast loop while editing: no control plane, no race detector.
 unit:
