@@ -103,7 +103,8 @@ func newLogger(cfg config, w io.Writer) *slog.Logger {
 
 // serve runs the node until ctx is cancelled, then shuts down in the one
 // order that loses nothing: readiness off → HTTP drains (every in-flight
-// write finishes its fsync) → storage closes.
+// write finishes its fsync) → the write gate closes for good and the Lease
+// is released (cluster mode) → storage closes.
 func serve(ctx context.Context, cfg config, getenv func(string) string, log *slog.Logger) error {
 	restCfg, source, err := kubeConfig(cfg, getenv)
 	if err != nil {
@@ -133,13 +134,13 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 	}()
 
 	var elector *election.Elector
-	if restCfg != nil && cfg.namespace == "" {
-		// In a pod the service account token's folder names the namespace.
-		if b, err := os.ReadFile("/var/run/secrets/kubernetes.io/serviceaccount/namespace"); err == nil {
-			cfg.namespace = strings.TrimSpace(string(b))
-		}
-	}
 	if restCfg != nil {
+		if cfg.namespace == "" {
+			// In a pod the service account token's folder names the namespace.
+			if b, err := os.ReadFile("/var/run/secrets/kubernetes.io/serviceaccount/namespace"); err == nil {
+				cfg.namespace = strings.TrimSpace(string(b))
+			}
+		}
 		klog.SetSlogLogger(log.With("component", "client-go"))
 		client, err := election.NewClient(restCfg, cfg.renewDeadline)
 		if err != nil {
