@@ -11,9 +11,17 @@
 //   - Fence: a message from an older leadership term than one already seen
 //     is refused with ErrStaleEpoch, as is a second leader claiming the same
 //     term.
+//   - Replicator.Replicate returns nil only after `need` followers answered
+//     200 to a batch holding the entry, i.e. after they fsynced it
+//     (FollowerHandler applies through storage.DB.ApplyReplicated before it
+//     answers). A follower that is down keeps its queue, so it catches up
+//     when it returns; a full queue marks it Behind. A follower that has
+//     admitted a newer term refuses the batch and OnStaleEpoch is told.
 //
 // It does not yet:
-//   - replicate: in cluster mode the leader's bbolt is the only copy. Ack
-//     levels, follower reads with explicit consistency, repair and
-//     membership changes are designed in DESIGN.md and not built.
+//   - take part in the write path: the API does not call the Replicator, so
+//     in cluster mode the leader's bbolt is still the only copy. Membership,
+//     ack levels in the API, follower reads with explicit consistency,
+//     catch-up on leader change and anti-entropy repair are designed in
+//     DESIGN.md and not built.
 package replication

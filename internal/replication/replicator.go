@@ -1,0 +1,295 @@
+package replication
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/statefulkv/store/internal/storage"
+)
+
+// ErrAckTimeout means the promised number of copies did not confirm in
+// time. The entry stays queued and will still be delivered: the write's
+// outcome is unknown to the client, not lost.
+var ErrAckTimeout = errors.New("replicas did not confirm in time")
+
+// PeerTokenHeader carries the cluster token on peer calls (the API checks it).
+const PeerTokenHeader = "X-Store-Peer-Token"
+
+// ReplicatorConfig configures a Replicator.
+type ReplicatorConfig struct {
+	// Self is this node's identity; it is never sent to itself.
+	Self string
+	// PeerAddr maps an identity to host:port.
+	PeerAddr func(id string) (string, error)
+	// Token is the cluster token presented to followers.
+	Token string
+	// OnStaleEpoch is called when a follower refuses a batch because it has
+	// admitted a newer term (fence): the leader must step down.
+	OnStaleEpoch func(fence uint64)
+	// MaxBatch caps entries per replicate call. Default 512.
+	MaxBatch int
+	// QueueLen caps entries waiting for one follower; past it the follower
+	// is marked behind and must be repaired. Default 65536.
+	QueueLen int
+	// Client sends the batches. Default: keep-alive transport, 10s timeout.
+	Client *http.Client
+	// Logger. Default slog.Default().
+	Logger *slog.Logger
+}
+
+// Replicator sends the leader's writes to their owners: one sender per
+// follower drains a queue in order and ships batches over a kept-alive
+// connection, so concurrent writes share round trips and fsyncs.
+//
+// Safe for concurrent use. Close stops the senders.
+type Replicator struct {
+	cfg    ReplicatorConfig
+	log    *slog.Logger
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu    sync.Mutex
+	peers map[string]*peer
+}
+
+// NewReplicator returns a Replicator with no senders yet; they start on the
+// first entry for each follower.
+func NewReplicator(cfg ReplicatorConfig) (*Replicator, error) {
+	if cfg.PeerAddr == nil {
+		return nil, errors.New("replication: ReplicatorConfig.PeerAddr is required")
+	}
+	if cfg.MaxBatch <= 0 {
+		cfg.MaxBatch = 512
+	}
+	if cfg.QueueLen <= 0 {
+		cfg.QueueLen = 1 << 16
+	}
+	if cfg.Client == nil {
+		cfg.Client = &http.Client{
+			Timeout: 10 * time.Second,
+			Transport: &http.Transport{
+				Proxy:               nil,
+				DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+				MaxIdleConnsPerHost: 4,
+				IdleConnTimeout:     90 * time.Second,
+			},
+		}
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Replicator{cfg: cfg, log: cfg.Logger.With("component", "replication"), ctx: ctx, cancel: cancel, peers: map[string]*peer{}}, nil
+}
+
+// Close stops every sender; entries still queued are dropped (repair brings
+// their followers up to date later).
+func (r *Replicator) Close() {
+	r.cancel()
+	r.wg.Wait()
+}
+
+// pending is one entry on its way to several followers.
+type pending struct {
+	epoch uint64
+	entry wireEntry
+	need  int32
+	acks  atomic.Int32
+	done  chan struct{} // closed when acks reach need
+	stale chan struct{} // closed when a follower refused the term
+	once  sync.Once
+	sOnce sync.Once
+}
+
+func (p *pending) ack() {
+	if p.acks.Add(1) == p.need {
+		p.once.Do(func() { close(p.done) })
+	}
+}
+
+func (p *pending) refuse() { p.sOnce.Do(func() { close(p.stale) }) }
+
+// Replicate sends e, written by the leader in term epoch, to every follower
+// in to, and returns once need of them have made it durable (need 0 returns
+// at once). It returns an error wrapping ErrAckTimeout if ctx ends first and
+// storage.ErrStaleEpoch if a follower has admitted a newer term.
+func (r *Replicator) Replicate(ctx context.Context, epoch uint64, e storage.Entry, to []string, need int) error {
+	p := &pending{epoch: epoch, entry: toWire(e), need: int32(need), done: make(chan struct{}), stale: make(chan struct{})}
+	if need <= 0 {
+		p.once.Do(func() { close(p.done) })
+	}
+	sent := 0
+	for _, id := range to {
+		if id == r.cfg.Self {
+			continue
+		}
+		if r.peer(id).enqueue(p) {
+			sent++
+		}
+	}
+	if sent < need {
+		return fmt.Errorf("%w: %d of %d followers can take the entry now", ErrAckTimeout, sent, need)
+	}
+	select {
+	case <-p.done:
+		return nil
+	case <-p.stale:
+		return fmt.Errorf("replicate: %w", storage.ErrStaleEpoch)
+	case <-ctx.Done():
+		return fmt.Errorf("%w: %d of %d confirmations: %w", ErrAckTimeout, p.acks.Load(), need, ctx.Err())
+	}
+}
+
+// Behind lists followers whose queue overflowed: they missed entries and
+// stay listed until repair (anti-entropy, not built yet) brings them back.
+func (r *Replicator) Behind() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []string
+	for id, p := range r.peers {
+		if p.behind.Load() {
+			out = append(out, id)
+		}
+	}
+	return out
+}
+
+// peer is one follower's queue and sender.
+type peer struct {
+	id     string
+	r      *Replicator
+	queue  chan *pending
+	behind atomic.Bool
+}
+
+func (r *Replicator) peer(id string) *peer {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	p, ok := r.peers[id]
+	if !ok {
+		p = &peer{id: id, r: r, queue: make(chan *pending, r.cfg.QueueLen)}
+		r.peers[id] = p
+		r.wg.Add(1)
+		go p.run()
+	}
+	return p
+}
+
+func (p *peer) enqueue(e *pending) bool {
+	select {
+	case p.queue <- e:
+		return true
+	default:
+		if !p.behind.Swap(true) {
+			p.r.log.Warn("follower queue full; it will need repair", "follower", p.id)
+		}
+		return false
+	}
+}
+
+// run ships the queue in order: a batch holds whatever is queued (up to
+// MaxBatch, one term per batch) and is retried until it is applied or the
+// follower refuses its term.
+func (p *peer) run() {
+	defer p.r.wg.Done()
+	batch := make([]*pending, 0, p.r.cfg.MaxBatch)
+	var carry *pending
+	for {
+		batch = batch[:0]
+		if carry != nil {
+			batch, carry = append(batch, carry), nil
+		} else {
+			select {
+			case e := <-p.queue:
+				batch = append(batch, e)
+			case <-p.r.ctx.Done():
+				return
+			}
+		}
+	fill:
+		for len(batch) < p.r.cfg.MaxBatch {
+			select {
+			case e := <-p.queue:
+				if e.epoch != batch[0].epoch {
+					carry = e
+					break fill
+				}
+				batch = append(batch, e)
+			default:
+				break fill
+			}
+		}
+		p.deliver(batch)
+	}
+}
+
+func (p *peer) deliver(batch []*pending) {
+	req := batchRequest{Envelope: Envelope{Epoch: batch[0].epoch, Leader: p.r.cfg.Self}, Entries: make([]wireEntry, len(batch))}
+	for i, e := range batch {
+		req.Entries[i] = e.entry
+	}
+	body, err := json.Marshal(req)
+	if err != nil {
+		p.r.log.Error("encode batch", "err", err)
+		return
+	}
+	backoff := 20 * time.Millisecond
+	for {
+		reply, status, err := p.send(body)
+		switch {
+		case err == nil && status == http.StatusOK:
+			for _, e := range batch {
+				e.ack()
+			}
+			return
+		case err == nil && status == http.StatusConflict:
+			p.r.log.Warn("follower refused this term", "follower", p.id, "epoch", req.Epoch, "fence", reply.Fence)
+			for _, e := range batch {
+				e.refuse()
+			}
+			if f := p.r.cfg.OnStaleEpoch; f != nil {
+				f(reply.Fence)
+			}
+			return
+		}
+		// Down, restarting or unreachable: keep the batch and retry, so a
+		// returning follower catches up from the queue (hinted hand-off).
+		select {
+		case <-p.r.ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, time.Second)
+	}
+}
+
+func (p *peer) send(body []byte) (batchReply, int, error) {
+	var reply batchReply
+	addr, err := p.r.cfg.PeerAddr(p.id)
+	if err != nil {
+		return reply, 0, err
+	}
+	req, err := http.NewRequestWithContext(p.r.ctx, http.MethodPost, "http://"+addr+ReplicatePath, bytes.NewReader(body))
+	if err != nil {
+		return reply, 0, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set(PeerTokenHeader, p.r.cfg.Token)
+	resp, err := p.r.cfg.Client.Do(req)
+	if err != nil {
+		return reply, 0, err
+	}
+	defer resp.Body.Close()
+	_ = json.NewDecoder(resp.Body).Decode(&reply)
+	return reply, resp.StatusCode, nil
+}

@@ -1,0 +1,186 @@
+package replication
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/statefulkv/store/internal/storage"
+)
+
+// follower is a real store behind FollowerHandler on loopback, which a test
+// can take down (503) and bring back.
+type follower struct {
+	db   *storage.DB
+	addr string
+	down atomic.Bool
+}
+
+func newFollower(t *testing.T) *follower {
+	t.Helper()
+	db, err := storage.Open(t.TempDir(), storage.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = db.Close() })
+	f := &follower{db: db}
+	h := FollowerHandler(db)
+	hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if f.down.Load() || r.URL.Path != ReplicatePath || r.Header.Get(PeerTokenHeader) != "tok" {
+			http.Error(w, "down", http.StatusServiceUnavailable)
+			return
+		}
+		h.ServeHTTP(w, r)
+	}))
+	t.Cleanup(hs.Close)
+	f.addr = strings.TrimPrefix(hs.URL, "http://")
+	return f
+}
+
+func newTestReplicator(t *testing.T, followers map[string]*follower, onStale func(uint64)) *Replicator {
+	t.Helper()
+	r, err := NewReplicator(ReplicatorConfig{
+		Self:         "leader",
+		Token:        "tok",
+		OnStaleEpoch: onStale,
+		PeerAddr: func(id string) (string, error) {
+			f, ok := followers[id]
+			if !ok {
+				return "", fmt.Errorf("unknown %s", id)
+			}
+			return f.addr, nil
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(r.Close)
+	return r
+}
+
+func entry(key, val string, epoch, seq uint64) storage.Entry {
+	return storage.Entry{Key: key, Value: []byte(val), Version: storage.Version{Epoch: epoch, Seq: seq}}
+}
+
+func TestReplicator_Quorum_DurableOnOwnersBeforeReturn(t *testing.T) {
+	fs := map[string]*follower{"a": newFollower(t), "b": newFollower(t)}
+	r := newTestReplicator(t, fs, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := r.Replicate(ctx, 1, entry("k", `{"v":1}`, 1, 1), []string{"leader", "a", "b"}, 2); err != nil {
+		t.Fatal(err)
+	}
+	for id, f := range fs {
+		got, err := f.db.Get("k")
+		if err != nil || string(got.Value) != `{"v":1}` || got.Version != (storage.Version{Epoch: 1, Seq: 1}) {
+			t.Fatalf("%s after an acknowledged replicate: %+v %v", id, got, err)
+		}
+	}
+}
+
+// With one follower down, need=1 is met by the other; need=2 times out
+// (ErrAckTimeout), and the entry still reaches the follower when it returns.
+func TestReplicator_FollowerDown_AckLevelsAndHintedHandoff(t *testing.T) {
+	fs := map[string]*follower{"a": newFollower(t), "b": newFollower(t)}
+	fs["b"].down.Store(true)
+	r := newTestReplicator(t, fs, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := r.Replicate(ctx, 1, entry("one", "1", 1, 1), []string{"a", "b"}, 1); err != nil {
+		t.Fatalf("need 1 with one follower up: %v", err)
+	}
+	short, cancelShort := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancelShort()
+	if err := r.Replicate(short, 1, entry("two", "2", 1, 2), []string{"a", "b"}, 2); !errors.Is(err, ErrAckTimeout) {
+		t.Fatalf("need 2 with one follower down: %v", err)
+	}
+	fs["b"].down.Store(false)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err1 := fs["b"].db.Get("one")
+		_, err2 := fs["b"].db.Get("two")
+		if err1 == nil && err2 == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the returning follower did not catch up from the queue")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// A follower that has admitted a newer term refuses the old leader: the
+// write is not confirmed and the leader is told to step down.
+func TestReplicator_StaleEpoch_RefusedAndReported(t *testing.T) {
+	fs := map[string]*follower{"a": newFollower(t)}
+	if _, err := fs["a"].db.ApplyReplicated(context.Background(), 5, []storage.Entry{entry("x", "5", 5, 1)}); err != nil {
+		t.Fatal(err)
+	}
+	var fenced atomic.Uint64
+	r := newTestReplicator(t, fs, func(f uint64) { fenced.Store(f) })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	err := r.Replicate(ctx, 4, entry("x", "4", 4, 9), []string{"a"}, 1)
+	if !errors.Is(err, storage.ErrStaleEpoch) {
+		t.Fatalf("replicate from term 4 to a follower at 5: %v", err)
+	}
+	if fenced.Load() != 5 {
+		t.Fatalf("OnStaleEpoch got %d, want 5", fenced.Load())
+	}
+	if got, _ := fs["a"].db.Get("x"); string(got.Value) != "5" {
+		t.Fatalf("the refused batch changed the follower: %s", got.Value)
+	}
+}
+
+// Many concurrent writers of one key: the follower ends at the newest version
+// whatever order batches form in.
+func TestReplicator_ConcurrentWrites_FollowerEndsAtNewest(t *testing.T) {
+	fs := map[string]*follower{"a": newFollower(t)}
+	r := newTestReplicator(t, fs, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	for i := 1; i <= 200; i++ {
+		wg.Go(func() {
+			if err := r.Replicate(ctx, 1, entry("hot", fmt.Sprint(i), 1, uint64(i)), []string{"a"}, 1); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	if got, _ := fs["a"].db.Get("hot"); string(got.Value) != "200" || got.Version.Seq != 200 {
+		t.Fatalf("follower has %s at %v, want 200", got.Value, got.Version)
+	}
+}
+
+func TestFollowerHandler_RejectsMalformedBatches(t *testing.T) {
+	f := newFollower(t)
+	for _, body := range []string{
+		`not json`,
+		`{"epoch":0,"leader":"l","entries":[]}`,
+		`{"epoch":1,"leader":"","entries":[]}`,
+		`{"epoch":1,"leader":"l","entries":[{"key":"k","version":"bad","value":1}]}`,
+		`{"epoch":1,"leader":"l","entries":[{"key":"k","version":"1.1","value":{"x"}}]}`,
+	} {
+		req, _ := http.NewRequest(http.MethodPost, "http://"+f.addr+ReplicatePath, strings.NewReader(body))
+		req.Header.Set(PeerTokenHeader, "tok")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusBadRequest {
+			t.Errorf("%s: %d, want 400", body, resp.StatusCode)
+		}
+	}
+	if f.db.LastSeq() != 0 {
+		t.Fatal("a malformed batch changed the store")
+	}
+}
