@@ -39,6 +39,7 @@ type cluster struct {
 	cp         *kubetest.ControlPlane
 	kubeconfig string
 	tokenFile  string
+	memberIDs  []string
 	port       int
 	nodes      map[string]*proc // by id: store-1 .. store-N
 	dirs       map[string]string
@@ -59,7 +60,9 @@ func startCluster(t *testing.T, n int, extraArgs ...string) *cluster {
 	}
 	c.port = freePort(t, n)
 	for i := 1; i <= n; i++ {
-		id := fmt.Sprintf("store-%d", i)
+		c.memberIDs = append(c.memberIDs, fmt.Sprintf("store-%d", i))
+	}
+	for _, id := range c.memberIDs {
 		c.dirs[id] = t.TempDir()
 		c.start(id)
 	}
@@ -118,6 +121,7 @@ func (c *cluster) start(id string) *proc {
 		"--retry-period", testRetry.String(),
 		"--peer-address-template", fmt.Sprintf("127.0.0.{ordinal}:%d", c.port),
 		"--peer-token-file", c.tokenFile,
+		"--members", strings.Join(c.memberIDs, ","),
 	}, c.extraArgs...)
 	p := startStore(c.t, args...)
 	c.nodes[id] = p

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -40,6 +41,10 @@ type config struct {
 	renewDeadline time.Duration
 	retryPeriod   time.Duration
 	peerTemplate  string
+	// members are the identities of every node of the cluster (optional
+	// until replication needs them); today they are told when the leader
+	// releases the Lease, so a successor takes over at once.
+	members []string
 	// peerToken is the cluster secret: from --peer-token-file, else the
 	// STORE_PEER_TOKEN variable (never a flag value, which ps would show).
 	peerToken string
@@ -66,6 +71,7 @@ var envFor = map[string]string{
 	"retry-period":          "STORE_RETRY_PERIOD",
 	"peer-address-template": "STORE_PEER_ADDRESS_TEMPLATE",
 	"peer-token-file":       "STORE_PEER_TOKEN_FILE",
+	"members":               "STORE_MEMBERS",
 }
 
 // parseConfig reads flags from args and fallbacks from getenv, applies
@@ -92,7 +98,8 @@ func parseConfig(args []string, getenv func(string) string, hostname string, std
 	fs.DurationVar(&c.leaseDuration, "lease-duration", 15*time.Second, "how long followers wait on a silent leader before taking over (env STORE_LEASE_DURATION)")
 	fs.DurationVar(&c.renewDeadline, "renew-deadline", 10*time.Second, "how long a leader may fail to renew before it stops accepting writes (env STORE_RENEW_DEADLINE)")
 	fs.DurationVar(&c.retryPeriod, "retry-period", 2*time.Second, "interval between Lease attempts (env STORE_RETRY_PERIOD)")
-	var tokenFile string
+	var tokenFile, members string
+	fs.StringVar(&members, "members", "", "comma-separated identities of all nodes, e.g. store-0,store-1,store-2 (env STORE_MEMBERS)")
 	fs.StringVar(&tokenFile, "peer-token-file", "", "`file` holding the cluster token nodes present to each other; or set STORE_PEER_TOKEN (env STORE_PEER_TOKEN_FILE)")
 	fs.StringVar(&c.peerTemplate, "peer-address-template", "{id}.store-peers.{namespace}.svc:8080", "host:port of a peer from its `template` with {id}, {namespace}, {ordinal} (env STORE_PEER_ADDRESS_TEMPLATE)")
 	if err := fs.Parse(args); err != nil {
@@ -137,6 +144,14 @@ func parseConfig(args []string, getenv func(string) string, hostname string, std
 	}
 	if c.shutdownTimeout, err = time.ParseDuration(shutdown); err != nil || c.shutdownTimeout <= 0 {
 		return config{}, bad("shutdown-timeout", "%q is not a positive duration such as 20s", shutdown)
+	}
+	for _, m := range strings.Split(members, ",") {
+		if m = strings.TrimSpace(m); m != "" {
+			c.members = append(c.members, m)
+		}
+	}
+	if len(c.members) > 0 && !slices.Contains(c.members, c.nodeID) {
+		return config{}, bad("members", "%q does not list this node (%s)", members, c.nodeID)
 	}
 	c.peerToken = getenv("STORE_PEER_TOKEN")
 	if tokenFile != "" {

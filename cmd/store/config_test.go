@@ -40,6 +40,9 @@ func TestParseConfig(t *testing.T) {
 		{"stray argument", []string{"serve"}, nil, nil, `"serve"`},
 		{"peer token from env", nil, map[string]string{"STORE_PEER_TOKEN": "s3cret-s3cret-s3cret"},
 			func(c config) bool { return c.peerToken == "s3cret-s3cret-s3cret" }, ""},
+		{"members", []string{"--members", "a, host ,c", "--node-id", "host"}, nil,
+			func(c config) bool { return len(c.members) == 3 && c.members[1] == "host" }, ""},
+		{"members without this node", []string{"--members", "a,b"}, nil, nil, "--members"},
 		{"missing peer token file", []string{"--peer-token-file", "/nonexistent/token"}, nil, nil, "--peer-token-file"},
 	}
 	for _, tt := range tests {

@@ -240,11 +240,15 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 		_ = httpSrv.Close()
 	}
 	if elector != nil {
-		// No write is in flight any more: close the gate for good, then
-		// release the Lease so a successor takes over at its next retry.
+		// No write is in flight any more: close the gate for good, release
+		// the Lease, and tell the other members so one takes over at once
+		// instead of at its next retry period.
 		elector.Stop()
 		cancelElection()
 		<-electionDone
+		notifyCtx, cancelNotify := context.WithTimeout(context.Background(), 2*time.Second)
+		api.NotifyLeaseReleased(notifyCtx, cfg.nodeID, cfg.members, apiCfg.PeerAddr, cfg.peerToken)
+		cancelNotify()
 		log.Info("left the election (the Lease is released if this node held it)")
 	}
 	log.Info("shut down cleanly")

@@ -84,6 +84,11 @@ func run() error {
 		return err
 	}
 
+	var members []string
+	for i := 1; i <= *nodes; i++ {
+		members = append(members, fmt.Sprintf("store-%d", i))
+	}
+
 	var procs []*exec.Cmd
 	defer func() {
 		// Graceful first: each node drains and releases the Lease.
@@ -116,6 +121,7 @@ func run() error {
 			"--namespace", namespace,
 			"--peer-address-template", fmt.Sprintf("127.0.0.{ordinal}:%d", *port),
 			"--peer-token-file", token,
+			"--members", strings.Join(members, ","),
 		)
 		cmd.Stdout, cmd.Stderr = logf, logf
 		if err := cmd.Start(); err != nil {

@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/go-retryablehttp"
@@ -49,6 +50,8 @@ type Leadership interface {
 	// ObserveEpoch reports an epoch seen elsewhere; if it is newer than
 	// this node's term, the node stops writing at once.
 	ObserveEpoch(epoch uint64)
+	// Nudge asks a node that is not leading to try for the Lease now.
+	Nudge()
 }
 
 var (
@@ -142,10 +145,11 @@ func (s *Server) newForwarder() *retryablehttp.Client {
 // time and the token is never logged.
 func (s *Server) peerAuth(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Header.Get(HeaderForwarded) != "" || r.Header.Get(HeaderSeenEpoch) != "" || r.Header.Get(HeaderPeerToken) != "" {
+		if strings.HasPrefix(r.URL.Path, "/internal/") ||
+			r.Header.Get(HeaderForwarded) != "" || r.Header.Get(HeaderSeenEpoch) != "" || r.Header.Get(HeaderPeerToken) != "" {
 			got := []byte(r.Header.Get(HeaderPeerToken))
 			if subtle.ConstantTimeCompare(got, []byte(s.cfg.PeerToken)) != 1 {
-				s.writeError(w, r, fmt.Errorf("%w: %s and %s are for nodes of this cluster and need a valid %s",
+				s.writeError(w, r, fmt.Errorf("%w: /internal/ and the %s and %s headers are for nodes of this cluster and need a valid %s",
 					errPeerAuth, HeaderForwarded, HeaderSeenEpoch, HeaderPeerToken))
 				return
 			}
@@ -310,4 +314,41 @@ func PeerAddrFromTemplate(tmpl, namespace string) (func(id string) (string, erro
 		}
 		return out, nil
 	}, nil
+}
+
+// LeaseReleasedPath is where a leader that has just released the Lease on
+// shutdown tells its peers to campaign at once (a peer endpoint).
+const LeaseReleasedPath = "/internal/v1/lease-released"
+
+func (s *Server) leaseReleased(w http.ResponseWriter, _ *http.Request) {
+	s.cfg.Leadership.Nudge()
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// NotifyLeaseReleased tells every peer that this node has released the
+// Lease, so the first to react takes over within a round trip instead of at
+// its next retry period. Best effort: a peer that misses it still polls.
+func NotifyLeaseReleased(ctx context.Context, self string, peers []string, peerAddr func(string) (string, error), token string) {
+	client := &http.Client{Timeout: time.Second}
+	var wg sync.WaitGroup
+	for _, id := range peers {
+		if id == self {
+			continue
+		}
+		addr, err := peerAddr(id)
+		if err != nil {
+			continue
+		}
+		wg.Go(func() {
+			req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+addr+LeaseReleasedPath, nil)
+			if err != nil {
+				return
+			}
+			req.Header.Set(HeaderPeerToken, token)
+			if resp, err := client.Do(req); err == nil {
+				resp.Body.Close()
+			}
+		})
+	}
+	wg.Wait()
 }

@@ -1,6 +1,7 @@
 package api
 
 import (
+	"context"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -18,6 +19,7 @@ type fakeLeadership struct {
 	epoch    uint64
 	open     bool
 	observed []uint64
+	nudged   int
 }
 
 func (f *fakeLeadership) WriteGate() (uint64, bool) {
@@ -39,6 +41,12 @@ func (f *fakeLeadership) ObserveEpoch(e uint64) {
 	if e > f.epoch && f.open {
 		f.open = false
 	}
+}
+
+func (f *fakeLeadership) Nudge() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.nudged++
 }
 
 func (f *fakeLeadership) set(leader string, epoch uint64, open bool) {
@@ -274,5 +282,20 @@ func TestForward_PeerHeadersNeedTheToken(t *testing.T) {
 		if _, open := p.leaderLS.WriteGate(); !open || p.leader.db.LastSeq() != 0 || len(p.leaderLS.observed) != 0 {
 			t.Fatalf("%v: a refused request had an effect", hdr)
 		}
+	}
+}
+
+func TestLeaseReleased_NudgesPeersWithTheTokenOnly(t *testing.T) {
+	p := newPair(t, nil)
+	if r := p.follower.do("POST", LeaseReleasedPath, ""); r.status != 401 {
+		t.Fatalf("without the token: %d %s", r.status, r.body)
+	}
+	NotifyLeaseReleased(context.Background(), "n-leader", []string{"n-leader", "n-follower"}, func(id string) (string, error) {
+		p.peersMu.Lock()
+		defer p.peersMu.Unlock()
+		return p.peers[id], nil
+	}, testToken)
+	if p.followerLS.nudged != 1 || p.leaderLS.nudged != 0 {
+		t.Fatalf("nudged follower %d, leader %d; want 1 and 0", p.followerLS.nudged, p.leaderLS.nudged)
 	}
 }

@@ -154,6 +154,10 @@ func (s *Server) routes() http.Handler {
 	r.Method(http.MethodGet, "/metrics", promhttp.HandlerFor(s.cfg.Gatherer, promhttp.HandlerOpts{}))
 	r.Get("/v1/status", s.status)
 
+	if s.cfg.Leadership != nil {
+		r.Post(LeaseReleasedPath, s.leaseReleased)
+	}
+
 	r.Get("/v1/kv", s.list)
 	r.Get("/v1/kv/*", s.get)
 	r.Put("/v1/kv/*", s.put)

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -196,6 +197,19 @@ func (e *Elector) Run(ctx context.Context) error {
 	return nil
 }
 
+// Nudge makes a candidate that is not leading try for the Lease now instead
+// of at its next retry period, e.g. because the leader has just released it
+// on shutdown. It restarts the campaign, whose first step is an immediate
+// attempt. A leader, a stopping node, or one not yet running ignores it.
+func (e *Elector) Nudge() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.myEpoch != 0 || e.stopping || e.cancel == nil {
+		return
+	}
+	e.cancel()
+}
+
 // Stop closes the write gate for good; Run's caller cancels its context
 // afterwards to release the Lease. Shutdown calls it once HTTP has drained.
 func (e *Elector) Stop() {
@@ -350,8 +364,17 @@ func (l *observingLock) Update(ctx context.Context, rec rl.LeaderElectionRecord)
 	l.e.termRecord(&rec)
 	start := time.Now()
 	err := l.Interface.Update(ctx, rec)
-	if err == nil {
+	switch {
+	case err == nil:
 		l.e.observed(&rec, true, start)
+	case apierrors.IsConflict(err):
+		// Someone else wrote the Lease first (typically: two candidates
+		// racing for a just-released Lease). Read it now, so this node
+		// learns the winner at once instead of a retry period later and
+		// forwards writes to it.
+		if got, _, gerr := l.Interface.Get(ctx); gerr == nil {
+			l.e.observed(got, false, time.Time{})
+		}
 	}
 	return err
 }

@@ -273,3 +273,30 @@ func TestElector_CreatedLeaseStartsAboveTheEpochFloor(t *testing.T) {
 		}
 	})
 }
+
+// A follower nudged after the leader released the Lease takes over at once,
+// not at its next retry period.
+func TestElector_Nudge_TakesAReleasedLeaseAtOnce(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		api := newAPIServer()
+		a, b := newElector(t, api, "store-0"), newElector(t, api, "store-1")
+		stopA := run(a)
+		time.Sleep(time.Second)
+		stopB := run(b)
+		defer stopB()
+		time.Sleep(DefaultRetryPeriod * 3)
+		if _, open := a.WriteGate(); !open {
+			t.Fatal("a is not leader")
+		}
+		stopA() // releases the Lease
+		released := time.Now()
+		b.Nudge()
+		synctest.Wait()
+		if _, open := b.WriteGate(); !open {
+			t.Fatalf("b did not take the released Lease at once (%s after the release)", time.Since(released))
+		}
+		if time.Since(released) != 0 {
+			t.Fatalf("takeover took %s of (fake) time, want none", time.Since(released))
+		}
+	})
+}
