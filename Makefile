@@ -5,7 +5,7 @@ GO ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: all build run test unit controlplane cluster cluster-down image fuzz bench vet clean
+.PHONY: all build run test unit controlplane cluster cluster-down image fuzz bench bench-failover vet clean
 
 all: build
 
@@ -53,6 +53,11 @@ fuzz:
 # Storage and HTTP benchmarks; compare runs with benchstat.
 bench:
 	$(GO) test -run='^$$' -bench=. -benchmem -count=$${COUNT:-5} ./internal/storage ./internal/api
+
+# Leader handoff with the default timings: 5 SIGTERM and 5 SIGKILL rounds on
+# a real 3-node cluster; prints a table (takes about 3 minutes).
+bench-failover: controlplane
+	set -o pipefail; $(GO) test -tags failoverbench -run TestFailoverBench -count=1 -timeout 30m -v ./cmd/store | grep -E '^(\||failover|--- |ok|FAIL)'
 
 clean: cluster-down
 	rm -rf bin .cluster
