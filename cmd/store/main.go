@@ -133,13 +133,23 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 		}
 	}()
 
-	var elector *election.Elector
+	var (
+		elector  *election.Elector
+		peerAddr func(string) (string, error)
+	)
 	if restCfg != nil {
 		if cfg.namespace == "" {
 			// In a pod the service account token's folder names the namespace.
 			if b, err := os.ReadFile("/var/run/secrets/kubernetes.io/serviceaccount/namespace"); err == nil {
 				cfg.namespace = strings.TrimSpace(string(b))
 			}
+		}
+		if len(cfg.peerToken) < 16 {
+			return fmt.Errorf("%w: cluster mode needs the peer token, at least 16 bytes: set STORE_PEER_TOKEN (deploy/ fills it from the Secret store-peer-token) or --peer-token-file", errUsage)
+		}
+		peerAddr, err = api.PeerAddrFromTemplate(cfg.peerTemplate, cfg.namespace)
+		if err != nil {
+			return fmt.Errorf("%w: --peer-address-template (env STORE_PEER_ADDRESS_TEMPLATE): %w", errUsage, err)
 		}
 		klog.SetSlogLogger(log.With("component", "client-go"))
 		client, err := election.NewClient(restCfg, cfg.renewDeadline)
@@ -157,6 +167,13 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 			Logger:        log,
 			Registerer:    reg,
 			EpochFloor:    db.FenceEpoch,
+			// Tell the other members at once, so they forward to this node
+			// now rather than after their next poll of the Lease.
+			OnElected: func(epoch uint64) {
+				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+				defer cancel()
+				api.NotifyLeader(ctx, cfg.nodeID, epoch, cfg.members, peerAddr, cfg.peerToken)
+			},
 		})
 		if err != nil {
 			return err
@@ -173,14 +190,7 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 		Gatherer:      reg,
 	}
 	if elector != nil {
-		if len(cfg.peerToken) < 16 {
-			return fmt.Errorf("%w: cluster mode needs the peer token, at least 16 bytes: set STORE_PEER_TOKEN (deploy/ fills it from the Secret store-peer-token) or --peer-token-file", errUsage)
-		}
 		apiCfg.PeerToken = cfg.peerToken
-		peerAddr, err := api.PeerAddrFromTemplate(cfg.peerTemplate, cfg.namespace)
-		if err != nil {
-			return fmt.Errorf("%w: --peer-address-template (env STORE_PEER_ADDRESS_TEMPLATE): %w", errUsage, err)
-		}
 		apiCfg.Leadership = elector
 		apiCfg.PeerAddr = peerAddr
 		apiCfg.ForwardTimeout = forwardTimeout(cfg.leaseDuration, cfg.retryPeriod)

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"crypto/subtle"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -52,6 +53,8 @@ type Leadership interface {
 	ObserveEpoch(epoch uint64)
 	// Nudge asks a node that is not leading to try for the Lease now.
 	Nudge()
+	// HintLeader reports a peer's claim that id leads term epoch.
+	HintLeader(id string, epoch uint64)
 }
 
 var (
@@ -316,19 +319,48 @@ func PeerAddrFromTemplate(tmpl, namespace string) (func(id string) (string, erro
 	}, nil
 }
 
-// LeaseReleasedPath is where a leader that has just released the Lease on
-// shutdown tells its peers to campaign at once (a peer endpoint).
-const LeaseReleasedPath = "/internal/v1/lease-released"
+// Peer notification endpoints (behind the peer token).
+const (
+	// LeaseReleasedPath: a leader that has just released the Lease on
+	// shutdown tells its peers to campaign at once.
+	LeaseReleasedPath = "/internal/v1/lease-released"
+	// LeaderPath: a node that has just become leader tells its peers, so
+	// they forward to it at once instead of after their next Lease poll.
+	LeaderPath = "/internal/v1/leader"
+)
 
 func (s *Server) leaseReleased(w http.ResponseWriter, _ *http.Request) {
 	s.cfg.Leadership.Nudge()
 	w.WriteHeader(http.StatusNoContent)
 }
 
-// NotifyLeaseReleased tells every peer that this node has released the
-// Lease, so the first to react takes over within a round trip instead of at
-// its next retry period. Best effort: a peer that misses it still polls.
+func (s *Server) leaderHint(w http.ResponseWriter, r *http.Request) {
+	var hint struct {
+		Leader string `json:"leader"`
+		Epoch  uint64 `json:"epoch"`
+	}
+	if err := json.NewDecoder(io.LimitReader(r.Body, 4096)).Decode(&hint); err != nil || hint.Leader == "" || hint.Epoch == 0 {
+		s.writeError(w, r, fmt.Errorf("%w: body must be {\"leader\":\"<id>\",\"epoch\":<n>}", errInvalidJSON))
+		return
+	}
+	s.cfg.Leadership.HintLeader(hint.Leader, hint.Epoch)
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// NotifyLeaseReleased tells every peer that self has released the Lease.
+// Best effort: a peer that misses it still polls the Lease.
 func NotifyLeaseReleased(ctx context.Context, self string, peers []string, peerAddr func(string) (string, error), token string) {
+	notifyPeers(ctx, self, peers, peerAddr, token, LeaseReleasedPath, nil)
+}
+
+// NotifyLeader tells every peer that self now leads term epoch. Best
+// effort, like NotifyLeaseReleased.
+func NotifyLeader(ctx context.Context, self string, epoch uint64, peers []string, peerAddr func(string) (string, error), token string) {
+	body := []byte(fmt.Sprintf(`{"leader":%q,"epoch":%d}`, self, epoch))
+	notifyPeers(ctx, self, peers, peerAddr, token, LeaderPath, body)
+}
+
+func notifyPeers(ctx context.Context, self string, peers []string, peerAddr func(string) (string, error), token, path string, body []byte) {
 	client := &http.Client{Timeout: time.Second}
 	var wg sync.WaitGroup
 	for _, id := range peers {
@@ -340,11 +372,12 @@ func NotifyLeaseReleased(ctx context.Context, self string, peers []string, peerA
 			continue
 		}
 		wg.Go(func() {
-			req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+addr+LeaseReleasedPath, nil)
+			req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+addr+path, bytes.NewReader(body))
 			if err != nil {
 				return
 			}
 			req.Header.Set(HeaderPeerToken, token)
+			req.Header.Set("Content-Type", "application/json")
 			if resp, err := client.Do(req); err == nil {
 				resp.Body.Close()
 			}

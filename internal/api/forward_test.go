@@ -49,6 +49,14 @@ func (f *fakeLeadership) Nudge() {
 	f.nudged++
 }
 
+func (f *fakeLeadership) HintLeader(id string, epoch uint64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if epoch > f.epoch {
+		f.leader, f.epoch = id, epoch
+	}
+}
+
 func (f *fakeLeadership) set(leader string, epoch uint64, open bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -297,5 +305,28 @@ func TestLeaseReleased_NudgesPeersWithTheTokenOnly(t *testing.T) {
 	}, testToken)
 	if p.followerLS.nudged != 1 || p.leaderLS.nudged != 0 {
 		t.Fatalf("nudged follower %d, leader %d; want 1 and 0", p.followerLS.nudged, p.leaderLS.nudged)
+	}
+}
+
+func TestLeaderHint_FollowerRoutesToTheNewLeaderAtOnce(t *testing.T) {
+	p := newPair(t, nil)
+	p.followerLS.set("n-gone", 2, false) // still believes in a dead leader
+	peerAddr := func(id string) (string, error) {
+		p.peersMu.Lock()
+		defer p.peersMu.Unlock()
+		return p.peers[id], nil
+	}
+	NotifyLeader(context.Background(), "n-leader", 3, []string{"n-leader", "n-follower"}, peerAddr, testToken)
+	if id, ep := p.followerLS.Leader(); id != "n-leader" || ep != 3 {
+		t.Fatalf("follower after the hint: %s %d", id, ep)
+	}
+	if r := p.follower.do("PUT", "/v1/kv/a", `1`); r.status != 201 || r.header.Get(HeaderLeader) != "n-leader" {
+		t.Fatalf("write after the hint: %d %s", r.status, r.body)
+	}
+	if r := p.follower.do("POST", LeaderPath, `{"leader":"x","epoch":9}`); r.status != 401 {
+		t.Fatalf("hint without the token: %d", r.status)
+	}
+	if r := p.follower.do("POST", LeaderPath, `{"leader":""}`, HeaderPeerToken, testToken); r.status != 400 {
+		t.Fatalf("malformed hint: %d", r.status)
 	}
 }

@@ -156,6 +156,7 @@ func (s *Server) routes() http.Handler {
 
 	if s.cfg.Leadership != nil {
 		r.Post(LeaseReleasedPath, s.leaseReleased)
+		r.Post(LeaderPath, s.leaderHint)
 	}
 
 	r.Get("/v1/kv", s.list)

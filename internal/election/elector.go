@@ -59,6 +59,9 @@ type Config struct {
 	// above that floor instead of at 1, so the nodes' fences do not refuse
 	// every write of a cluster whose Lease was reset.
 	EpochFloor func() uint64
+	// OnElected, if set, is called in its own goroutine each time this node
+	// starts a term, e.g. to tell the other members at once who leads.
+	OnElected func(epoch uint64)
 }
 
 // Status is a snapshot of what this node knows about leadership.
@@ -197,6 +200,22 @@ func (e *Elector) Run(ctx context.Context) error {
 	return nil
 }
 
+// HintLeader records that a peer reports id as leader of term epoch, so
+// this node routes to it at once instead of at its next poll of the Lease.
+// Only a newer term than the observed one is adopted, and only for routing:
+// campaigning and this node's own write gate still follow the Lease alone.
+func (e *Elector) HintLeader(id string, epoch uint64) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if id == "" || id == e.cfg.Identity || epoch <= e.epoch {
+		return
+	}
+	e.log.Info("leader changed", "leader", id, "epoch", epoch, "me", e.cfg.Identity, "source", "peer")
+	e.leader, e.epoch = id, epoch
+	e.metrics.transitions.Inc()
+	e.metrics.epoch.Set(float64(epoch))
+}
+
 // Nudge makes a candidate that is not leading try for the Lease now instead
 // of at its next retry period, e.g. because the leader has just released it
 // on shutdown. It restarts the campaign, whose first step is an immediate
@@ -300,6 +319,9 @@ func (e *Elector) observed(rec *rl.LeaderElectionRecord, wrote bool, start time.
 	case holder == e.cfg.Identity && wrote && !e.stopping:
 		if e.myEpoch != epoch {
 			e.log.Info("became leader", "epoch", epoch)
+			if f := e.cfg.OnElected; f != nil {
+				go f(epoch)
+			}
 		}
 		e.myEpoch = epoch
 		e.gateUntil = start.Add(e.cfg.RenewDeadline)

@@ -300,3 +300,40 @@ func TestElector_Nudge_TakesAReleasedLeaseAtOnce(t *testing.T) {
 		}
 	})
 }
+
+func TestElector_HintLeader_AdoptsOnlyNewerTerms(t *testing.T) {
+	e := newElector(t, newAPIServer(), "store-0")
+	e.HintLeader("store-2", 4)
+	if id, ep := e.Leader(); id != "store-2" || ep != 4 {
+		t.Fatalf("after a hint: %s %d", id, ep)
+	}
+	e.HintLeader("store-1", 3) // older: ignored
+	e.HintLeader("store-0", 9) // itself: only the Lease makes it leader
+	if id, ep := e.Leader(); id != "store-2" || ep != 4 {
+		t.Fatalf("after stale hints: %s %d", id, ep)
+	}
+	if _, open := e.WriteGate(); open {
+		t.Fatal("a hint opened the write gate")
+	}
+}
+
+func TestElector_OnElected_CalledWithTheNewTerm(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		got := make(chan uint64, 1)
+		e, err := New(Config{Client: newAPIServer(), Namespace: ns, Identity: "store-0", Logger: quiet(), OnElected: func(ep uint64) { got <- ep }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		stop := run(e)
+		defer stop()
+		time.Sleep(DefaultRetryPeriod)
+		select {
+		case ep := <-got:
+			if ep != 1 {
+				t.Fatalf("OnElected(%d), want 1", ep)
+			}
+		default:
+			t.Fatal("OnElected not called")
+		}
+	})
+}
