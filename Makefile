@@ -35,6 +35,7 @@ image:
 	cd hack/image && $(GO) run . -binary ../../bin/store-linux -out ../../bin/store-image.tar -tag statefulkv/store:$(VERSION) -version $(VERSION)
 
 vet:
+	bash hack/deps.sh
 	$(GO) vet ./...
 	cd hack/image && $(GO) vet ./...
 
