@@ -5,7 +5,7 @@ GO ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: all build run test unit controlplane cluster cluster-down image fuzz bench bench-failover vet clean
+.PHONY: all build run test unit controlplane cluster cluster-down image fuzz bench bench-failover bench-compare vet clean
 
 all: build
 
@@ -60,5 +60,16 @@ bench:
 bench-failover: controlplane
 	set -o pipefail; $(GO) test -tags failoverbench -run TestFailoverBench -count=1 -timeout 30m -v ./cmd/store | grep -E '^(\||failover|--- |ok|FAIL)'
 
+# The same load shapes against a 3-member etcd (its own benchmark tool) and a
+# 3-node store cluster, alternating; prints medians and store ÷ etcd ratios and
+# writes .bench/bench-compare.json. ROUNDS=3 by default.
+bench-compare: controlplane
+	mkdir -p .bench
+	cd hack/etcdbench && $(GO) build -o ../../.bench/etcdbench .
+	$(GO) build -o .bench/storeload ./cmd/storeload
+	$(GO) build -o .bench/benchcompare ./hack/benchcompare
+	bash hack/cluster.sh up >/dev/null
+	.bench/benchcompare -etcd "$$(bash hack/controlplane.sh --dir)/etcd" -rounds $${ROUNDS:-3}; rc=$$?; bash hack/cluster.sh down >/dev/null; exit $$rc
+
 clean: cluster-down
-	rm -rf bin .cluster
+	rm -rf bin .cluster .bench
