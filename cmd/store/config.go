@@ -41,6 +41,9 @@ type config struct {
 	renewDeadline time.Duration
 	retryPeriod   time.Duration
 	peerTemplate  string
+	// debugListen serves net/http/pprof when set (off by default: it is
+	// an operator's tool, never on the client port).
+	debugListen string
 	// members are the identities of every node of the cluster (optional
 	// until replication needs them); today they are told when the leader
 	// releases the Lease, so a successor takes over at once.
@@ -72,6 +75,7 @@ var envFor = map[string]string{
 	"peer-address-template": "STORE_PEER_ADDRESS_TEMPLATE",
 	"peer-token-file":       "STORE_PEER_TOKEN_FILE",
 	"members":               "STORE_MEMBERS",
+	"debug-listen":          "STORE_DEBUG_LISTEN",
 }
 
 // parseConfig reads flags from args and fallbacks from getenv, applies
@@ -99,6 +103,7 @@ func parseConfig(args []string, getenv func(string) string, hostname string, std
 	fs.DurationVar(&c.renewDeadline, "renew-deadline", 10*time.Second, "how long a leader may fail to renew before it stops accepting writes (env STORE_RENEW_DEADLINE)")
 	fs.DurationVar(&c.retryPeriod, "retry-period", 2*time.Second, "interval between Lease attempts (env STORE_RETRY_PERIOD)")
 	var tokenFile, members string
+	fs.StringVar(&c.debugListen, "debug-listen", "", "serve Go profiling (/debug/pprof/) on this `host:port`; off when empty (env STORE_DEBUG_LISTEN)")
 	fs.StringVar(&members, "members", "", "comma-separated identities of all nodes, e.g. store-0,store-1,store-2 (env STORE_MEMBERS)")
 	fs.StringVar(&tokenFile, "peer-token-file", "", "`file` holding the cluster token nodes present to each other; or set STORE_PEER_TOKEN (env STORE_PEER_TOKEN_FILE)")
 	fs.StringVar(&c.peerTemplate, "peer-address-template", "{id}.store-peers.{namespace}.svc:8080", "host:port of a peer from its `template` with {id}, {namespace}, {ordinal} (env STORE_PEER_ADDRESS_TEMPLATE)")
@@ -144,6 +149,11 @@ func parseConfig(args []string, getenv func(string) string, hostname string, std
 	}
 	if c.shutdownTimeout, err = time.ParseDuration(shutdown); err != nil || c.shutdownTimeout <= 0 {
 		return config{}, bad("shutdown-timeout", "%q is not a positive duration such as 20s", shutdown)
+	}
+	if c.debugListen != "" {
+		if _, _, err := net.SplitHostPort(c.debugListen); err != nil {
+			return config{}, bad("debug-listen", "%q is not host:port (e.g. 127.0.0.1:6060)", c.debugListen)
+		}
 	}
 	for _, m := range strings.Split(members, ",") {
 		if m = strings.TrimSpace(m); m != "" {

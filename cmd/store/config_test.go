@@ -43,6 +43,7 @@ func TestParseConfig(t *testing.T) {
 		{"members", []string{"--members", "a, host ,c", "--node-id", "host"}, nil,
 			func(c config) bool { return len(c.members) == 3 && c.members[1] == "host" }, ""},
 		{"members without this node", []string{"--members", "a,b"}, nil, nil, "--members"},
+		{"bad debug listen", []string{"--debug-listen", "6060"}, nil, nil, "--debug-listen"},
 		{"missing peer token file", []string{"--peer-token-file", "/nonexistent/token"}, nil, nil, "--peer-token-file"},
 	}
 	for _, tt := range tests {

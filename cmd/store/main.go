@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -233,6 +234,13 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 	}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- httpSrv.Serve(ln) }()
+	if cfg.debugListen != "" {
+		stopDebug, err := serveDebug(cfg.debugListen, log)
+		if err != nil {
+			return err
+		}
+		defer stopDebug()
+	}
 	srv.SetReady(true)
 	log.Info("serving", "addr", ln.Addr().String())
 
@@ -263,6 +271,24 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 	}
 	log.Info("shut down cleanly")
 	return nil
+}
+
+// serveDebug serves net/http/pprof on its own listener, apart from the API.
+func serveDebug(addr string, log *slog.Logger) (stop func(), err error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("listen (--debug-listen %s): %w", addr, err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = srv.Serve(ln) }()
+	log.Info("serving profiles", "addr", ln.Addr().String())
+	return func() { _ = srv.Close() }, nil
 }
 
 // forwardTimeout lets a request that needs the leader ride out one leader

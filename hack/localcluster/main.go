@@ -122,6 +122,7 @@ func run() error {
 			"--peer-address-template", fmt.Sprintf("127.0.0.{ordinal}:%d", *port),
 			"--peer-token-file", token,
 			"--members", strings.Join(members, ","),
+			"--debug-listen", fmt.Sprintf("127.0.0.%d:%d", i, *port+1),
 		)
 		cmd.Stdout, cmd.Stderr = logf, logf
 		if err := cmd.Start(); err != nil {
@@ -186,6 +187,7 @@ func printUsage(state string, nodes, port int, leader, apiserver string) {
 	fmt.Fprintf(&b, "  curl -X PUT http://127.0.0.1:%d/v1/kv/hello -d '{\"from\":\"curl\"}'\n", port)
 	fmt.Fprintf(&b, "  curl http://127.0.0.2:%d/v1/kv/hello\n", port)
 	fmt.Fprintf(&b, "  curl http://127.0.0.3:%d/v1/status\n", port)
+	fmt.Fprintf(&b, "profiles: go tool pprof http://127.0.0.1:%d/debug/pprof/profile?seconds=10\n", port+1)
 	fmt.Fprintf(&b, "stop it with: make cluster-down\n")
 	fmt.Print(b.String())
 }

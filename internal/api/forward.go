@@ -168,16 +168,15 @@ func isDialError(err error) bool {
 	return errors.As(err, &op) && op.Op == "dial"
 }
 
-// requestID returns the request's id, generating one if the client sent none.
-func requestID(r *http.Request) string {
-	if id := r.Header.Get(HeaderRequestID); id != "" {
-		return id
+// ensureRequestID gives a request about to be forwarded an id, if the
+// client sent none, so the retries of the forward are applied once.
+func ensureRequestID(r *http.Request) {
+	if r.Header.Get(HeaderRequestID) != "" {
+		return
 	}
 	var b [16]byte
 	_, _ = rand.Read(b[:])
-	id := hex.EncodeToString(b[:])
-	r.Header.Set(HeaderRequestID, id)
-	return id
+	r.Header.Set(HeaderRequestID, hex.EncodeToString(b[:]))
 }
 
 // leadHere decides where a request that needs the leader is served. It
@@ -248,6 +247,9 @@ var hopHeaders = map[string]bool{
 }
 
 func (s *Server) proxy(w http.ResponseWriter, r *http.Request, addr string, body []byte) {
+	if r.Method != http.MethodGet {
+		ensureRequestID(r)
+	}
 	st := &forwardState{}
 	ctx, cancel := context.WithTimeout(context.WithValue(r.Context(), forwardStateKey{}, st), s.cfg.ForwardTimeout)
 	defer cancel()

@@ -228,6 +228,16 @@ func TestForward_DroppedAnswer_RetryAppliesOnce(t *testing.T) {
 	if n := p.leader.db.LastSeq(); n != 1 {
 		t.Fatalf("leader applied the write %d times", n)
 	}
+	// The same for a DELETE, which has no body: its retry must not turn a
+	// delete that happened into a 404.
+	drops.Store(0)
+	r = p.follower.do("DELETE", "/v1/kv/a", "")
+	if r.status != 200 || !strings.Contains(r.body, `"deleted":true`) {
+		t.Fatalf("DELETE after a dropped answer: %d %s", r.status, r.body)
+	}
+	if n := p.leader.db.LastSeq(); n != 2 {
+		t.Fatalf("leader applied %d writes, want 2", n)
+	}
 }
 
 // A leader whose term is older than what the follower has seen steps down

@@ -363,7 +363,11 @@ func (s *Server) servesReads(w http.ResponseWriter, r *http.Request) bool {
 // applyOrForward applies a validated write here if this node may write, or
 // hands it to the leader. ok is false when a response has been written.
 func (s *Server) applyOrForward(w http.ResponseWriter, r *http.Request, m storage.Mutation, body []byte) (storage.Result, bool) {
-	m.RequestID = requestID(r)
+	// A client's own id makes its retries idempotent. A request without one
+	// gets an id only if it is forwarded (in proxy), where this node's
+	// retries need it; one served here directly has nobody to retry it, so
+	// it costs no id record.
+	m.RequestID = r.Header.Get(HeaderRequestID)
 	if s.cfg.Leadership == nil {
 		res, err := s.cfg.Store.Apply(r.Context(), m)
 		if err != nil {
