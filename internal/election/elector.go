@@ -54,10 +54,10 @@ type Config struct {
 	// Registerer receives the election metrics; nil registers nothing.
 	Registerer prometheus.Registerer
 	// EpochFloor, if set, returns the newest term this node has admitted
-	// (storage.DB.FenceEpoch). When the Lease does not exist (first start,
-	// or someone deleted it) and this node creates it, the new term starts
-	// above that floor instead of at 1, so the nodes' fences do not refuse
-	// every write of a cluster whose Lease was reset.
+	// (storage.DB.FenceEpoch). Whenever this node starts a term (creating
+	// the Lease, or taking it over), the term starts above that floor, so a
+	// Lease that was deleted and recreated cannot restart terms below the
+	// nodes' fences.
 	EpochFloor func() uint64
 	// OnElected, if set, is called in its own goroutine each time this node
 	// starts a term, e.g. to tell the other members at once who leads.
@@ -96,6 +96,8 @@ type Elector struct {
 	myEpoch   uint64    // our term's epoch while we hold the Lease
 	gateUntil time.Time // write gate closes here (monotonic)
 	stopping  bool      // shutdown began: never open the gate again
+	resigned  uint64    // a term given up by ObserveEpoch; never reopened
+	lastRead  string    // holder in the Lease this node read last
 	cancel    context.CancelFunc
 }
 
@@ -277,6 +279,7 @@ func (e *Elector) ObserveEpoch(epoch uint64) {
 	defer e.mu.Unlock()
 	if e.myEpoch != 0 && e.myEpoch < epoch {
 		e.log.Warn("stepping down: a newer epoch exists", "my_epoch", e.myEpoch, "seen_epoch", epoch)
+		e.resigned = e.myEpoch
 		e.gateUntil = time.Time{}
 		e.myEpoch = 0
 		e.metrics.isLeader.Set(0)
@@ -316,7 +319,9 @@ func (e *Elector) observed(rec *rl.LeaderElectionRecord, wrote bool, start time.
 		e.metrics.epoch.Set(float64(epoch))
 	}
 	switch {
-	case holder == e.cfg.Identity && wrote && !e.stopping:
+	case holder == e.cfg.Identity && wrote && !e.stopping && epoch != e.resigned:
+		// (A renewal already in flight when this node resigned its term must
+		// not reopen the gate for that term.)
 		if e.myEpoch != epoch {
 			e.log.Info("became leader", "epoch", epoch)
 			if f := e.cfg.OnElected; f != nil {
@@ -346,9 +351,15 @@ func (l *observingLock) Get(ctx context.Context) (*rl.LeaderElectionRecord, []by
 	rec, raw, err := l.Interface.Get(ctx)
 	if err == nil {
 		l.e.observed(rec, false, time.Time{})
+		l.e.mu.Lock()
+		l.e.lastRead = rec.HolderIdentity
+		l.e.mu.Unlock()
 	}
 	return rec, raw, err
 }
+
+// errNotHolder refuses a release of a Lease this node no longer holds.
+var errNotHolder = errors.New("election: not releasing a Lease another node holds")
 
 // termRecord fixes the transitions count of a record this node is about to
 // write for itself: a renewal keeps its term's count (client-go would write
@@ -383,6 +394,19 @@ func (l *observingLock) Create(ctx context.Context, rec rl.LeaderElectionRecord)
 }
 
 func (l *observingLock) Update(ctx context.Context, rec rl.LeaderElectionRecord) error {
+	if rec.HolderIdentity == "" {
+		// A release. client-go's tryRelease re-reads the Lease but decides
+		// from the record it observed before; after a long pause that can be
+		// a successor's Lease, and clearing it would hand a second node the
+		// lock while the successor's gate is still open. Release only what
+		// the fresh read says this node holds.
+		l.e.mu.Lock()
+		holder := l.e.lastRead
+		l.e.mu.Unlock()
+		if holder != l.e.cfg.Identity {
+			return fmt.Errorf("%w: the Lease names %q", errNotHolder, holder)
+		}
+	}
 	l.e.termRecord(&rec)
 	start := time.Now()
 	err := l.Interface.Update(ctx, rec)

@@ -16,6 +16,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
+	rl "k8s.io/client-go/tools/leaderelection/resourcelock"
 )
 
 const ns = "default"
@@ -336,4 +337,42 @@ func TestElector_OnElected_CalledWithTheNewTerm(t *testing.T) {
 			t.Fatal("OnElected not called")
 		}
 	})
+}
+
+// client-go's release re-reads the Lease but decides from the record it saw
+// before; after a long pause (SIGSTOP) that record can be stale and the
+// release would clear a successor's Lease. The lock refuses a release unless
+// the fresh read names this node.
+func TestObservingLock_ReleaseOnlyWhatTheFreshReadSaysWeHold(t *testing.T) {
+	ctx := context.Background()
+	for _, tt := range []struct {
+		holder  string
+		release bool
+	}{
+		{"store-1", false}, // a successor holds it: refuse
+		{"store-0", true},  // still ours: release
+	} {
+		api := newAPIServer()
+		if _, err := api.CoordinationV1().Leases(ns).Create(ctx, &coordinationv1.Lease{
+			ObjectMeta: metav1.ObjectMeta{Name: DefaultLeaseName, Namespace: ns},
+			Spec:       coordinationv1.LeaseSpec{HolderIdentity: &tt.holder, LeaseTransitions: new(int32)},
+		}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		e := newElector(t, api, "store-0")
+		if _, _, err := e.lock.Get(ctx); err != nil {
+			t.Fatal(err)
+		}
+		err := e.lock.Update(ctx, rl.LeaderElectionRecord{LeaseDurationSeconds: 1})
+		if tt.release != (err == nil) || (err != nil && !errors.Is(err, errNotHolder)) {
+			t.Fatalf("Lease held by %s: release err = %v, want released=%v", tt.holder, err, tt.release)
+		}
+		want := tt.holder
+		if tt.release {
+			want = ""
+		}
+		if h, _ := holder(t, api); h != want {
+			t.Fatalf("holder after the release attempt = %q, want %q", h, want)
+		}
+	}
 }
