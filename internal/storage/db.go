@@ -21,6 +21,13 @@ import (
 // (and add a migration in Open) whenever DESIGN.md's layout changes.
 const FormatVersion = 1
 
+// Limits the store enforces itself, well below bbolt's 32 KiB key limit, so
+// no write can fail half-way through a batch.
+const (
+	MaxKeyBytes       = 4096
+	MaxRequestIDBytes = 256
+)
+
 // FileName is the bbolt file inside the data directory.
 const FileName = "store.db"
 
@@ -28,6 +35,9 @@ var (
 	bucketMeta     = []byte("meta")
 	bucketKV       = []byte("kv")
 	bucketRequests = []byte("requests")
+	// requests_by_time indexes request ids by when they were applied, so the
+	// sweep walks only what expired.
+	bucketRequestsByTime = []byte("requests_by_time")
 
 	metaFormat = []byte("format")
 	metaSeq    = []byte("seq")
@@ -173,7 +183,7 @@ func initFormat(bdb *bolt.DB) error {
 		if err != nil {
 			return err
 		}
-		for _, b := range [][]byte{bucketKV, bucketRequests} {
+		for _, b := range [][]byte{bucketKV, bucketRequests, bucketRequestsByTime} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -300,7 +310,8 @@ func (db *DB) LastSeq() uint64 {
 // If ctx ends first Apply returns ctx.Err(), but the mutation may still be
 // committed: the caller must treat the outcome as unknown.
 func (db *DB) Apply(ctx context.Context, m Mutation) (Result, error) {
-	if m.Key == "" || m.Epoch == 0 || (m.IfAbsent && (m.IfExists || !m.IfMatch.IsZero())) {
+	if m.Key == "" || len(m.Key) > MaxKeyBytes || len(m.RequestID) > MaxRequestIDBytes || m.Epoch == 0 ||
+		(m.IfAbsent && (m.IfExists || !m.IfMatch.IsZero())) {
 		return Result{}, fmt.Errorf("storage: apply: %w", ErrInvalidMutation)
 	}
 	r := &request{m: m, done: make(chan struct{})}
@@ -320,6 +331,13 @@ func (db *DB) Apply(ctx context.Context, m Mutation) (Result, error) {
 func (db *DB) ApplyReplicated(ctx context.Context, epoch uint64, entries []Entry) (applied int, err error) {
 	if epoch == 0 {
 		return 0, fmt.Errorf("storage: apply replicated: %w: epoch 0", ErrInvalidMutation)
+	}
+	// Validate the whole batch first: a bad entry must not leave the ones
+	// before it applied while the batch reports an error.
+	for _, e := range entries {
+		if e.Key == "" || len(e.Key) > MaxKeyBytes || e.Version.IsZero() {
+			return 0, fmt.Errorf("storage: apply replicated: %w: entry without key or version, or key over %d bytes", ErrInvalidMutation, MaxKeyBytes)
+		}
 	}
 	r := &request{repl: &replBatch{epoch: epoch, entries: entries}, done: make(chan struct{})}
 	if err := db.submit(ctx, r); err != nil {
@@ -396,16 +414,27 @@ func (db *DB) commitLoop() {
 	}
 }
 
-// sweepRequests forgets request ids recorded before cutoff. Failure only
-// delays the cleanup, so it is not reported beyond the next sweep.
+// sweepRequests forgets request ids recorded before cutoff, walking the
+// time index from its oldest entry, so the cost is what expired, not all
+// ids. Keys are collected before deleting (deleting under a bbolt cursor
+// can skip the next key). Failure only delays the cleanup.
 func (db *DB) sweepRequests(cutoff time.Time) {
 	_ = db.bolt.Update(func(tx *bolt.Tx) error {
-		c := tx.Bucket(bucketRequests).Cursor()
-		for k, v := c.First(); k != nil; k, v = c.Next() {
-			if len(v) >= 8 && int64(binary.BigEndian.Uint64(v)) < cutoff.UnixNano() {
-				if err := c.Delete(); err != nil {
-					return err
-				}
+		byTime, reqs := tx.Bucket(bucketRequestsByTime), tx.Bucket(bucketRequests)
+		var expired [][]byte
+		c := byTime.Cursor()
+		for k, _ := c.First(); k != nil && len(k) >= 8; k, _ = c.Next() {
+			if int64(binary.BigEndian.Uint64(k[:8])) >= cutoff.UnixNano() {
+				break
+			}
+			expired = append(expired, k)
+		}
+		for _, k := range expired {
+			if err := reqs.Delete(k[8:]); err != nil {
+				return err
+			}
+			if err := byTime.Delete(k); err != nil {
+				return err
 			}
 		}
 		return nil
@@ -415,7 +444,8 @@ func (db *DB) sweepRequests(cutoff time.Time) {
 func (db *DB) commit(batch []*request) {
 	start := time.Now()
 	err := db.bolt.Update(func(tx *bolt.Tx) error {
-		meta, kv, reqs := tx.Bucket(bucketMeta), tx.Bucket(bucketKV), tx.Bucket(bucketRequests)
+		meta, kv := tx.Bucket(bucketMeta), tx.Bucket(bucketKV)
+		reqs := requestBuckets{ids: tx.Bucket(bucketRequests), byTime: tx.Bucket(bucketRequestsByTime)}
 		seq, fence := readSeq(meta), readUint(meta, metaFence)
 		seq0, fence0 := seq, fence
 		for _, r := range batch {
@@ -461,11 +491,13 @@ func (db *DB) commit(batch []*request) {
 
 // applyIdempotent applies m unless its RequestID was applied already, in
 // which case it returns the remembered result.
-func applyIdempotent(kv, reqs *bolt.Bucket, seq *uint64, m Mutation, now time.Time) (Result, error) {
+type requestBuckets struct{ ids, byTime *bolt.Bucket }
+
+func applyIdempotent(kv *bolt.Bucket, reqs requestBuckets, seq *uint64, m Mutation, now time.Time) (Result, error) {
 	if m.RequestID == "" {
 		return applyOne(kv, seq, m)
 	}
-	if raw := reqs.Get([]byte(m.RequestID)); raw != nil {
+	if raw := reqs.ids.Get([]byte(m.RequestID)); raw != nil {
 		res, key, ok := decodeRequest(raw)
 		if !ok {
 			return Result{}, fmt.Errorf("%w: request id %q", ErrCorrupt, m.RequestID)
@@ -479,7 +511,13 @@ func applyIdempotent(kv, reqs *bolt.Bucket, seq *uint64, m Mutation, now time.Ti
 	if err != nil {
 		return res, err
 	}
-	if err := reqs.Put([]byte(m.RequestID), encodeRequest(res, now)); err != nil {
+	// Apply validated the id's length, so these puts cannot fail for the
+	// key; a failure here is a disk error that rolls the batch back.
+	if err := reqs.ids.Put([]byte(m.RequestID), encodeRequest(res, now)); err != nil {
+		return Result{}, err
+	}
+	tk := binary.BigEndian.AppendUint64(make([]byte, 0, 8+len(m.RequestID)), uint64(now.UnixNano()))
+	if err := reqs.byTime.Put(append(tk, m.RequestID...), nil); err != nil {
 		return Result{}, err
 	}
 	return res, nil

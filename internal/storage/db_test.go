@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -441,5 +442,31 @@ func TestDB_Fence_StaleEpochRefusedAndPersisted(t *testing.T) {
 	}
 	if db.FenceEpoch() != 6 {
 		t.Fatalf("fence = %d after a term-6 write", db.FenceEpoch())
+	}
+}
+
+// Limits are checked before anything is written, so no write can fail half
+// way through a batch and leave part of itself behind.
+func TestDB_Limits_RefusedWholeBeforeWriting(t *testing.T) {
+	db := openTest(t, t.TempDir())
+	ctx := context.Background()
+	long := strings.Repeat("k", MaxKeyBytes+1)
+	for _, m := range []Mutation{
+		{Key: long, Value: []byte("1"), Epoch: 1},
+		{Key: "k", Value: []byte("1"), Epoch: 1, RequestID: strings.Repeat("r", MaxRequestIDBytes+1)},
+	} {
+		if _, err := db.Apply(ctx, m); !errors.Is(err, ErrInvalidMutation) {
+			t.Fatalf("Apply(key %d B, id %d B) = %v", len(m.Key), len(m.RequestID), err)
+		}
+	}
+	_, err := db.ApplyReplicated(ctx, 1, []Entry{
+		{Key: "ok", Value: []byte("1"), Version: Version{1, 1}},
+		{Key: long, Value: []byte("1"), Version: Version{1, 2}},
+	})
+	if !errors.Is(err, ErrInvalidMutation) {
+		t.Fatalf("batch with an oversized key: %v", err)
+	}
+	if _, err := db.Get("ok"); !errors.Is(err, ErrNotFound) || db.LastSeq() != 0 {
+		t.Fatal("a refused batch left an entry behind")
 	}
 }
