@@ -20,6 +20,7 @@ var (
 	errUnsupportedMedia    = errors.New("unsupported content type")
 	errInvalidParameter    = errors.New("invalid query parameter")
 	errInvalidPrecondition = errors.New("invalid precondition header")
+	errInvalidRequestID    = errors.New("invalid request id")
 	errRouteNotFound       = errors.New("no such route")
 	errMethodNotAllowed    = errors.New("method not allowed")
 	errNotReady            = errors.New("not ready")
@@ -37,6 +38,7 @@ var errorTable = []struct {
 	{errInvalidJSON, http.StatusBadRequest, "invalid_json"},
 	{errInvalidParameter, http.StatusBadRequest, "invalid_parameter"},
 	{errInvalidPrecondition, http.StatusBadRequest, "invalid_precondition"},
+	{errInvalidRequestID, http.StatusBadRequest, "invalid_request_id"},
 	{errPeerAuth, http.StatusUnauthorized, "peer_unauthenticated"},
 	{errRouteNotFound, http.StatusNotFound, "route_not_found"},
 	{storage.ErrNotFound, http.StatusNotFound, "key_not_found"},

@@ -117,15 +117,18 @@ func (s *Server) newForwarder() *retryablehttp.Client {
 				st.lastStatus = resp.StatusCode
 			}
 		}
+		// Any answer but 503 is the leader's final word, even if the
+		// deadline passed while it arrived: it must reach the client.
+		if err == nil && resp.StatusCode != http.StatusServiceUnavailable {
+			return false, nil
+		}
 		if ctx.Err() != nil {
 			return false, ctx.Err()
 		}
-		if err != nil {
-			return true, nil
-		}
-		// 503 promises the write was not applied: the leader moved or its
-		// gate is closed. Anything else is the leader's answer.
-		return resp.StatusCode == http.StatusServiceUnavailable, nil
+		// A transport error (safe to retry: request ids), or 503, which
+		// promises the write was not applied: the leader moved or its gate
+		// is closed.
+		return true, nil
 	}
 	// Each retry goes to whoever leads now, not to the leader of the first
 	// try; that may be this very node, which then serves it locally.
@@ -202,6 +205,7 @@ func (s *Server) leadHere(w http.ResponseWriter, r *http.Request, body []byte) (
 		s.writeError(w, r, fmt.Errorf("%w: %s forwarded this request here, but this node does not lead; it is never forwarded twice", errNotLeader, by))
 		return 0, false
 	}
+	// One deadline covers the wait for a leader and the forward after it.
 	ctx, cancel := context.WithTimeout(r.Context(), s.cfg.ForwardTimeout)
 	defer cancel()
 	tick := time.NewTicker(50 * time.Millisecond)
@@ -211,7 +215,7 @@ func (s *Server) leadHere(w http.ResponseWriter, r *http.Request, body []byte) (
 			return epoch, true
 		}
 		if leader, _ := s.cfg.Leadership.Leader(); leader != "" && leader != s.cfg.NodeID {
-			s.toLeader(w, r, leader, body)
+			s.toLeader(w, r.WithContext(ctx), leader, body)
 			return 0, false
 		}
 		select {
@@ -274,8 +278,13 @@ func (s *Server) proxy(w http.ResponseWriter, r *http.Request, addr string, body
 	}
 	resp, err := s.forwarder.Do(req)
 	if err != nil {
+		if resp != nil {
+			resp.Body.Close()
+		}
 		switch {
-		case errors.Is(err, context.DeadlineExceeded) && (st.maybeSent || r.Method == http.MethodGet):
+		case r.Method == http.MethodGet:
+			s.writeError(w, r, fmt.Errorf("%w: the read could not be served by the leader within %s (%v); retry", errNoLeader, s.cfg.ForwardTimeout, errors.Join(st.lastErr, err)))
+		case errors.Is(err, context.DeadlineExceeded) && st.maybeSent:
 			s.writeError(w, r, fmt.Errorf("%w: %w within %s; the write may or may not have been applied: retry with the same %s to be safe", errOutcomeUnknown, errLeaderTimeout, s.cfg.ForwardTimeout, HeaderRequestID))
 		case st.maybeSent:
 			s.writeError(w, r, fmt.Errorf("%w: the connection to the leader failed mid-request (%v); retry with the same %s to be safe", errOutcomeUnknown, st.lastErr, HeaderRequestID))

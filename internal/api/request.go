@@ -168,3 +168,17 @@ const (
 	defaultListLimit = 100
 	maxListLimit     = 1000
 )
+
+// validateRequestID accepts X-Request-Id values of printable ASCII up to the
+// storage limit.
+func validateRequestID(id string) error {
+	if len(id) > storage.MaxRequestIDBytes {
+		return fmt.Errorf("%w: %s is %d bytes, the limit is %d", errInvalidRequestID, HeaderRequestID, len(id), storage.MaxRequestIDBytes)
+	}
+	for i := 0; i < len(id); i++ {
+		if id[i] < 0x21 || id[i] > 0x7e {
+			return fmt.Errorf("%w: %s must be printable ASCII without spaces", errInvalidRequestID, HeaderRequestID)
+		}
+	}
+	return nil
+}

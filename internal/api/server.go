@@ -368,6 +368,10 @@ func (s *Server) applyOrForward(w http.ResponseWriter, r *http.Request, m storag
 	// retries need it; one served here directly has nobody to retry it, so
 	// it costs no id record.
 	m.RequestID = r.Header.Get(HeaderRequestID)
+	if err := validateRequestID(m.RequestID); err != nil {
+		s.writeError(w, r, err)
+		return storage.Result{}, false
+	}
 	if s.cfg.Leadership == nil {
 		res, err := s.cfg.Store.Apply(r.Context(), m)
 		if err != nil {

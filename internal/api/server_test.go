@@ -248,6 +248,8 @@ func TestServer_Errors_RejectAndChangeNothing(t *testing.T) {
 		{"stale conditional DELETE", "DELETE", "/v1/kv/existing", ``, []string{"If-Match", `"1.99"`}, 412, "condition_failed"},
 		{"DELETE missing key", "DELETE", "/v1/kv/missing", ``, nil, 404, "key_not_found"},
 		{"GET missing key", "GET", "/v1/kv/missing", ``, nil, 404, "key_not_found"},
+		{"request id too long", "PUT", "/v1/kv/x", `1`, []string{"X-Request-Id", strings.Repeat("r", 257)}, 400, "invalid_request_id"},
+		{"request id with a space", "PUT", "/v1/kv/x", `1`, []string{"X-Request-Id", "a b"}, 400, "invalid_request_id"},
 		{"limit zero", "GET", "/v1/kv?limit=0", ``, nil, 400, "invalid_parameter"},
 		{"limit too big", "GET", "/v1/kv?limit=1001", ``, nil, 400, "invalid_parameter"},
 		{"limit not a number", "GET", "/v1/kv?limit=ten", ``, nil, 400, "invalid_parameter"},
