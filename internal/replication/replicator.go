@@ -93,9 +93,11 @@ func NewReplicator(cfg ReplicatorConfig) (*Replicator, error) {
 }
 
 // Close stops every sender; entries still queued are dropped (repair brings
-// their followers up to date later).
+// their followers up to date later). Replicate fails after Close.
 func (r *Replicator) Close() {
+	r.mu.Lock() // no sender starts once cancelled (see peer)
 	r.cancel()
+	r.mu.Unlock()
 	r.wg.Wait()
 }
 
@@ -129,11 +131,13 @@ func (r *Replicator) Replicate(ctx context.Context, epoch uint64, e storage.Entr
 		p.once.Do(func() { close(p.done) })
 	}
 	sent := 0
+	seen := map[string]bool{}
 	for _, id := range to {
-		if id == r.cfg.Self {
+		if id == r.cfg.Self || seen[id] { // a duplicate must not count twice
 			continue
 		}
-		if r.peer(id).enqueue(p) {
+		seen[id] = true
+		if pr := r.peer(id); pr != nil && pr.enqueue(p) {
 			sent++
 		}
 	}
@@ -145,6 +149,8 @@ func (r *Replicator) Replicate(ctx context.Context, epoch uint64, e storage.Entr
 		return nil
 	case <-p.stale:
 		return fmt.Errorf("replicate: %w", storage.ErrStaleEpoch)
+	case <-r.ctx.Done():
+		return fmt.Errorf("%w: replicator closed", ErrAckTimeout)
 	case <-ctx.Done():
 		return fmt.Errorf("%w: %d of %d confirmations: %w", ErrAckTimeout, p.acks.Load(), need, ctx.Err())
 	}
@@ -172,9 +178,13 @@ type peer struct {
 	behind atomic.Bool
 }
 
+// peer returns id's sender, starting it on first use; nil after Close.
 func (r *Replicator) peer(id string) *peer {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.ctx.Err() != nil {
+		return nil
+	}
 	p, ok := r.peers[id]
 	if !ok {
 		p = &peer{id: id, r: r, queue: make(chan *pending, r.cfg.QueueLen)}
@@ -264,6 +274,11 @@ func (p *peer) deliver(batch []*pending) {
 		}
 		// Down, restarting or unreachable: keep the batch and retry, so a
 		// returning follower catches up from the queue (hinted hand-off).
+		// Say so once per batch: a wrong token or a rejected batch (4xx)
+		// retries forever too, and an operator must see why.
+		if backoff == 20*time.Millisecond {
+			p.r.log.Warn("replicate batch failed; retrying", "follower", p.id, "entries", len(batch), "status", status, "err", err)
+		}
 		select {
 		case <-p.r.ctx.Done():
 			return

@@ -31,7 +31,7 @@ func newFollower(t *testing.T) *follower {
 	}
 	t.Cleanup(func() { _ = db.Close() })
 	f := &follower{db: db}
-	h := FollowerHandler(db)
+	h := FollowerHandler(db, NewFence(db.FenceEpoch()))
 	hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if f.down.Load() || r.URL.Path != ReplicatePath || r.Header.Get(PeerTokenHeader) != "tok" {
 			http.Error(w, "down", http.StatusServiceUnavailable)
@@ -182,5 +182,37 @@ func TestFollowerHandler_RejectsMalformedBatches(t *testing.T) {
 	}
 	if f.db.LastSeq() != 0 {
 		t.Fatal("a malformed batch changed the store")
+	}
+}
+
+func TestReplicator_DuplicateOwnersCountOnce_AndCloseUnblocks(t *testing.T) {
+	fs := map[string]*follower{"a": newFollower(t)}
+	fs["a"].down.Store(true)
+	r := newTestReplicator(t, fs, nil)
+	done := make(chan error, 1)
+	go func() {
+		// need 2 from one follower listed twice can never be met.
+		done <- r.Replicate(context.Background(), 1, entry("k", "1", 1, 1), []string{"a", "a"}, 2)
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrAckTimeout) {
+			t.Fatalf("need 2 from one follower: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Replicate did not fail fast for a duplicate owner")
+	}
+	go func() { done <- r.Replicate(context.Background(), 1, entry("k", "1", 1, 1), []string{"a"}, 1) }()
+	r.Close()
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrAckTimeout) {
+			t.Fatalf("Replicate across Close: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Replicate hung after Close")
+	}
+	if err := r.Replicate(context.Background(), 1, entry("k", "1", 1, 1), []string{"a"}, 1); !errors.Is(err, ErrAckTimeout) {
+		t.Fatalf("Replicate after Close: %v", err)
 	}
 }

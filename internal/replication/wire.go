@@ -73,11 +73,12 @@ type Applier interface {
 // maxBatchBytes bounds one replicate request body.
 const maxBatchBytes = 64 << 20
 
-// FollowerHandler serves ReplicatePath: it admits a batch through the
-// fence and applies it durably before answering 200. A batch from an older
-// term gets 409 with code stale_epoch and the follower's fence, and changes
-// nothing.
-func FollowerHandler(db Applier) http.Handler {
+// FollowerHandler serves ReplicatePath: it admits a batch through fence (an
+// older term, or another leader claiming the current one, is refused) and
+// through the store's durable fence, and applies it durably before
+// answering 200. A refused batch gets 409 with code stale_epoch and the
+// follower's fence, and changes nothing.
+func FollowerHandler(db Applier, fence *Fence) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		reply := func(status int, br batchReply) {
 			b, _ := json.Marshal(br)
@@ -100,6 +101,10 @@ func FollowerHandler(db Applier) http.Handler {
 		}
 		if req.Epoch == 0 || req.Leader == "" {
 			fail(http.StatusBadRequest, "invalid_batch", errors.New("batch without epoch or leader"))
+			return
+		}
+		if err := fence.Admit(req.Envelope); err != nil {
+			fail(http.StatusConflict, "stale_epoch", err)
 			return
 		}
 		entries := make([]storage.Entry, 0, len(req.Entries))
