@@ -28,6 +28,9 @@ type config struct {
 	// logLevel and logFormat shape the slog output.
 	logLevel  slog.Level
 	logFormat string
+	// shutdownDelay keeps serving after readiness turns off on SIGTERM, so
+	// endpoints stop sending new clients before the listener closes.
+	shutdownDelay time.Duration
 	// shutdownTimeout bounds the HTTP drain on SIGTERM.
 	shutdownTimeout time.Duration
 	// showVersion prints the version and exits.
@@ -94,7 +97,8 @@ func parseConfig(args []string, getenv func(string) string, hostname string, std
 	fs.StringVar(&c.nodeID, "node-id", hostname, "this node's `name`; the pod name in Kubernetes (env POD_NAME)")
 	fs.StringVar(&level, "log-level", "info", "debug, info, warn or error; debug logs every request (env STORE_LOG_LEVEL)")
 	fs.StringVar(&c.logFormat, "log-format", "json", "json or text (env STORE_LOG_FORMAT)")
-	fs.StringVar(&shutdown, "shutdown-timeout", "20s", "how long SIGTERM waits for in-flight requests (env STORE_SHUTDOWN_TIMEOUT)")
+	fs.StringVar(&shutdown, "shutdown-timeout", "30s", "how long SIGTERM waits for in-flight requests; cover a forwarded request's deadline (env STORE_SHUTDOWN_TIMEOUT)")
+	fs.DurationVar(&c.shutdownDelay, "shutdown-delay", 0, "on SIGTERM, keep serving this long after /readyz turns off, so the Service stops routing here first; 5s in Kubernetes (env STORE_SHUTDOWN_DELAY)")
 	fs.BoolVar(&c.showVersion, "version", false, "print the version and exit")
 	fs.StringVar(&c.kubeconfig, "kubeconfig", "", "kubeconfig `file` for running outside a pod; inside one the in-cluster config is used (env KUBECONFIG)")
 	fs.StringVar(&c.namespace, "namespace", "", "namespace of the leader Lease; the pod's namespace (env POD_NAMESPACE)")
@@ -162,6 +166,9 @@ func parseConfig(args []string, getenv func(string) string, hostname string, std
 	}
 	if len(c.members) > 0 && !slices.Contains(c.members, c.nodeID) {
 		return config{}, bad("members", "%q does not list this node (%s)", members, c.nodeID)
+	}
+	if c.shutdownDelay < 0 {
+		return config{}, bad("shutdown-delay", "%s must not be negative", c.shutdownDelay)
 	}
 	c.peerToken = getenv("STORE_PEER_TOKEN")
 	if tokenFile != "" {

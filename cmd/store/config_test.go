@@ -19,7 +19,7 @@ func TestParseConfig(t *testing.T) {
 	}{
 		{"defaults", nil, nil, func(c config) bool {
 			return c.listen == ":8080" && c.dataDir == "data" && c.maxValueBytes == 1<<20 &&
-				c.nodeID == "host" && c.logLevel == slog.LevelInfo && c.shutdownTimeout == 20*time.Second
+				c.nodeID == "host" && c.logLevel == slog.LevelInfo && c.shutdownTimeout == 30*time.Second && c.shutdownDelay == 0
 		}, ""},
 		{"env fallback", nil, map[string]string{"STORE_LISTEN": "127.0.0.1:9", "POD_NAME": "store-1", "STORE_MAX_VALUE_BYTES": "10"},
 			func(c config) bool {

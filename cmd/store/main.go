@@ -249,8 +249,14 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 		return fmt.Errorf("http server: %w", err)
 	case <-ctx.Done():
 	}
-	log.Info("shutting down: draining HTTP", "timeout", cfg.shutdownTimeout)
 	srv.SetReady(false)
+	if cfg.shutdownDelay > 0 {
+		// Endpoints learn of the failing readiness probe only at its next
+		// period; until then new clients still arrive and are served.
+		log.Info("shutting down: not ready; still serving while endpoints update", "delay", cfg.shutdownDelay)
+		time.Sleep(cfg.shutdownDelay)
+	}
+	log.Info("shutting down: draining HTTP", "timeout", cfg.shutdownTimeout)
 	drainCtx, cancel := context.WithTimeout(context.Background(), cfg.shutdownTimeout)
 	defer cancel()
 	if err := httpSrv.Shutdown(drainCtx); err != nil {

@@ -20,6 +20,7 @@ type fakeLeadership struct {
 	open     bool
 	observed []uint64
 	nudged   int
+	asked    int // Leader() calls
 }
 
 func (f *fakeLeadership) WriteGate() (uint64, bool) {
@@ -31,7 +32,14 @@ func (f *fakeLeadership) WriteGate() (uint64, bool) {
 func (f *fakeLeadership) Leader() (string, uint64) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.asked++
 	return f.leader, f.epoch
+}
+
+func (f *fakeLeadership) leaderCalls() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.asked
 }
 
 func (f *fakeLeadership) ObserveEpoch(e uint64) {
@@ -166,8 +174,13 @@ func TestForward_NoLeaderIs503AfterWaiting(t *testing.T) {
 func TestForward_NoLeaderThenElected_WriteGoesThrough(t *testing.T) {
 	p := newPair(t, nil)
 	p.followerLS.set("", 0, false)
+	before := p.followerLS.leaderCalls()
 	go func() {
-		time.Sleep(100 * time.Millisecond) // the election finishes while the request waits
+		// The election finishes while the request is waiting: once the
+		// follower has asked for the leader twice, it is in its wait loop.
+		for p.followerLS.leaderCalls() < before+2 {
+			time.Sleep(time.Millisecond)
+		}
 		p.followerLS.set("n-leader", 3, false)
 	}()
 	if r := p.follower.do("PUT", "/v1/kv/a", `1`); r.status != 201 {

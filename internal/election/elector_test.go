@@ -155,7 +155,10 @@ func TestElector_LostLease_CampaignsAgainWithHigherEpoch(t *testing.T) {
 		stopB := run(b)
 		time.Sleep(2 * DefaultRetryPeriod)
 
-		// a cannot renew; b takes over once the lease runs out.
+		// a's renewals fail. (The fake clientset does not check
+		// resourceVersions, so this models a's writes failing, not a full
+		// partition: when a gives up it may release the Lease, and b takes
+		// it then or when the lease runs out.)
 		api.cutOff.Store("store-0")
 		time.Sleep(DefaultRenewDeadline + time.Second)
 		if _, open := a.WriteGate(); open {
