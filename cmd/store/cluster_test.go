@@ -198,6 +198,20 @@ func (c *cluster) awaitLeaderKnown(leader string, ids ...string) {
 	})
 }
 
+// followerOf returns the lowest-numbered node that is not leader, once it
+// knows the leader.
+func (c *cluster) followerOf(leader string) string {
+	c.t.Helper()
+	for _, id := range c.ids() {
+		if id != leader {
+			c.awaitLeaderKnown(leader, id)
+			return id
+		}
+	}
+	c.t.Fatal("no follower")
+	return ""
+}
+
 // ids returns the node identities, sorted.
 func (c *cluster) ids() []string {
 	var out []string
@@ -312,11 +326,7 @@ func TestCluster_WritesToEveryNode_LandOnLeaderExactlyOnce(t *testing.T) {
 func TestCluster_Routing_NoLoops_Redirect_Idempotent(t *testing.T) {
 	c := startCluster(t, 2)
 	leader := c.leader(30 * time.Second)
-	follower := "store-1"
-	if leader == follower {
-		follower = "store-2"
-	}
-	c.awaitLeaderKnown(leader, follower)
+	follower := c.followerOf(leader)
 	noRedirect := &http.Client{Timeout: 10 * time.Second, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 
 	token, err := os.ReadFile(c.tokenFile)
@@ -738,11 +748,7 @@ func TestCluster_APIServerPaused_GateClosesCleanly_WritesResume(t *testing.T) {
 func TestCluster_SingleEntryPoint_LikePortForward(t *testing.T) {
 	c := startCluster(t, 3)
 	leader := c.leader(30 * time.Second)
-	entry := "store-1"
-	if entry == leader {
-		entry = "store-2"
-	}
-	c.awaitLeaderKnown(leader, entry)
+	entry := c.followerOf(leader)
 	base := "http://" + c.addr(entry)
 	client := &http.Client{Timeout: 30 * time.Second}
 	do := func(method, path, body string, hdr ...string) (int, http.Header, string) {

@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/statefulkv/store/internal/storage"
 )
 
 // fakeLeadership is a hand-written Leadership with settable state.
@@ -351,5 +353,61 @@ func TestLeaderHint_FollowerRoutesToTheNewLeaderAtOnce(t *testing.T) {
 	}
 	if r := p.follower.do("POST", LeaderPath, `{"leader":""}`, HeaderPeerToken, testToken); r.status != 400 {
 		t.Fatalf("malformed hint: %d", r.status)
+	}
+}
+
+// gateClosingStore closes the leader's gate while a write is being
+// committed, as a lost renewal during an fsync would.
+type gateClosingStore struct {
+	*storage.DB
+	ls *fakeLeadership
+}
+
+func (g gateClosingStore) Apply(ctx context.Context, m storage.Mutation) (storage.Result, error) {
+	res, err := g.DB.Apply(ctx, m)
+	g.ls.set("n-leader", 3, false)
+	return res, err
+}
+
+// README: "2xx: applied and fsynced by the leader of the epoch in
+// X-Store-Epoch"; a write whose gate closed during the fsync is not
+// acknowledged but reported as outcome_unknown.
+func TestLeader_GateClosesDuringCommit_OutcomeUnknownNotAck(t *testing.T) {
+	db, err := storage.Open(t.TempDir(), storage.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	ls := &fakeLeadership{}
+	ls.set("n-leader", 3, true)
+	srv, err := New(Config{NodeID: "n-leader", Store: gateClosingStore{db, ls}, Leadership: ls, PeerToken: testToken,
+		PeerAddr: func(string) (string, error) { return "127.0.0.1:1", nil }, ForwardTimeout: 300 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.SetReady(true)
+	hs := httptest.NewServer(srv)
+	defer hs.Close()
+	n := &testNode{t: t, db: db, srv: srv, url: hs.URL}
+	r := n.do("PUT", "/v1/kv/a", `1`)
+	if r.status != 502 || errorCode(t, r.body) != "outcome_unknown" || r.header.Get(HeaderLeader) != "" {
+		t.Fatalf("write whose gate closed during commit: %d %s leader %q", r.status, r.body, r.header.Get(HeaderLeader))
+	}
+}
+
+// A leader of a term older than this node's fence is refused with 503
+// stale_epoch, which promises nothing was applied.
+func TestLeader_StaleEpochIs503NotApplied(t *testing.T) {
+	p := newPair(t, nil)
+	if _, err := p.leader.db.ApplyReplicated(context.Background(), 9, []storage.Entry{{Key: "x", Value: []byte("1"), Version: storage.Version{Epoch: 9, Seq: 1}}}); err != nil {
+		t.Fatal(err)
+	}
+	before := p.leader.db.LastSeq()
+	r := p.leader.do("PUT", "/v1/kv/a", `1`) // the leader's term is 3 < 9
+	if r.status != 503 || errorCode(t, r.body) != "stale_epoch" {
+		t.Fatalf("write under a stale term: %d %s", r.status, r.body)
+	}
+	if _, err := p.leader.db.Get("a"); err == nil || p.leader.db.LastSeq() != before {
+		t.Fatal("a refused write was applied")
 	}
 }

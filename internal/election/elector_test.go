@@ -60,6 +60,18 @@ func newElector(t *testing.T, api *apiserver, id string) *Elector {
 	return e
 }
 
+// leaderAndFollower starts store-0, which wins the empty Lease, then store-1,
+// and lets both settle. Call inside a synctest bubble.
+func leaderAndFollower(t *testing.T, api *apiserver) (a, b *Elector, stopA, stopB func()) {
+	t.Helper()
+	a, b = newElector(t, api, "store-0"), newElector(t, api, "store-1")
+	stopA = run(a)
+	time.Sleep(time.Second)
+	stopB = run(b)
+	time.Sleep(3 * DefaultRetryPeriod)
+	return a, b, stopA, stopB
+}
+
 // run starts e.Run and returns a stop func that cancels and waits.
 func run(e *Elector) (stop func()) {
 	ctx, cancel := context.WithCancel(context.Background())
@@ -84,11 +96,7 @@ func holder(t *testing.T, api *apiserver) (string, int32) {
 func TestElector_OneLeaderWithEpochOthersFollow(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		api := newAPIServer()
-		a, b := newElector(t, api, "store-0"), newElector(t, api, "store-1")
-		stopA := run(a)
-		time.Sleep(time.Second) // a campaigns first and wins at once
-		stopB := run(b)
-		time.Sleep(3 * DefaultRetryPeriod)
+		a, b, stopA, stopB := leaderAndFollower(t, api)
 
 		if _, open := a.WriteGate(); !open {
 			t.Fatal("first candidate is not leader")
@@ -149,11 +157,7 @@ func TestElector_WriteGate_ClosesAtRenewDeadline(t *testing.T) {
 func TestElector_LostLease_CampaignsAgainWithHigherEpoch(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		api := newAPIServer()
-		a, b := newElector(t, api, "store-0"), newElector(t, api, "store-1")
-		stopA := run(a)
-		time.Sleep(time.Second)
-		stopB := run(b)
-		time.Sleep(2 * DefaultRetryPeriod)
+		a, b, stopA, stopB := leaderAndFollower(t, api)
 
 		// a's renewals fail. (The fake clientset does not check
 		// resourceVersions, so this models a's writes failing, not a full
@@ -283,12 +287,8 @@ func TestElector_CreatedLeaseStartsAboveTheEpochFloor(t *testing.T) {
 func TestElector_Nudge_TakesAReleasedLeaseAtOnce(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		api := newAPIServer()
-		a, b := newElector(t, api, "store-0"), newElector(t, api, "store-1")
-		stopA := run(a)
-		time.Sleep(time.Second)
-		stopB := run(b)
+		a, b, stopA, stopB := leaderAndFollower(t, api)
 		defer stopB()
-		time.Sleep(DefaultRetryPeriod * 3)
 		if _, open := a.WriteGate(); !open {
 			t.Fatal("a is not leader")
 		}
