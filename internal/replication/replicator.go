@@ -35,6 +35,14 @@ type ReplicatorConfig struct {
 	// OnStaleEpoch is called when a follower refuses a batch because it has
 	// admitted a newer term (fence): the leader must step down.
 	OnStaleEpoch func(fence uint64)
+	// Active reports whether this node still leads term epoch. A batch is
+	// sent only while it does: once the write gate has closed, a successor
+	// may be catching up, and an entry delivered after that could surface
+	// on a replica the successor never asked. Nil means always active.
+	Active func(epoch uint64) bool
+	// OnResult, if set, hears the outcome of every delivery attempt to a
+	// follower (nil error: delivered), for liveness tracking.
+	OnResult func(follower string, err error)
 	// MaxBatch caps entries per replicate call. Default 512.
 	MaxBatch int
 	// QueueLen caps entries waiting for one follower; past it the follower
@@ -101,59 +109,144 @@ func (r *Replicator) Close() {
 	r.wg.Wait()
 }
 
-// pending is one entry on its way to several followers.
-type pending struct {
-	epoch uint64
-	entry wireEntry
-	need  int32
-	acks  atomic.Int32
-	done  chan struct{} // closed when acks reach need
-	stale chan struct{} // closed when a follower refused the term
-	once  sync.Once
-	sOnce sync.Once
+// ErrTermEnded means this node stopped leading the entry's term before
+// enough followers confirmed it. The entry is durable on this node only as
+// far as it knows; the next leader's catch-up decides whether it counts.
+var ErrTermEnded = errors.New("leadership term ended before replication")
+
+// Pending is one entry on its way to several followers.
+type Pending struct {
+	epoch    uint64
+	entry    wireEntry
+	need     int32
+	commitAt int32
+	onCommit func()
+	acks     atomic.Int32
+	done     chan struct{} // closed when acks reach need
+	stale    chan struct{} // closed when a follower refused the term
+	ended    chan struct{} // closed when the term ended or the replicator closed first
+	endErr   error         // why ended closed; set before it closes
+	once     sync.Once
+	cOnce    sync.Once
+	sOnce    sync.Once
+	eOnce    sync.Once
+
+	mu   sync.Mutex
+	sent map[string]bool // followers it was queued for
 }
 
-func (p *pending) ack() {
-	if p.acks.Add(1) == p.need {
+func (p *Pending) ack() {
+	n := p.acks.Add(1)
+	if n == p.need {
 		p.once.Do(func() { close(p.done) })
+	}
+	if n == p.commitAt {
+		p.commit()
 	}
 }
 
-func (p *pending) refuse() { p.sOnce.Do(func() { close(p.stale) }) }
+func (p *Pending) commit() {
+	if p.onCommit != nil {
+		p.cOnce.Do(p.onCommit)
+	}
+}
+
+func (p *Pending) refuse() { p.sOnce.Do(func() { close(p.stale) }) }
+func (p *Pending) end(err error) {
+	p.eOnce.Do(func() { p.endErr = err; close(p.ended) })
+}
+
+var errReplicatorClosed = fmt.Errorf("%w: replicator closed", ErrAckTimeout)
 
 // Replicate sends e, written by the leader in term epoch, to every follower
 // in to, and returns once need of them have made it durable (need 0 returns
 // at once). It returns an error wrapping ErrAckTimeout if ctx ends first and
 // storage.ErrStaleEpoch if a follower has admitted a newer term.
 func (r *Replicator) Replicate(ctx context.Context, epoch uint64, e storage.Entry, to []string, need int) error {
-	p := &pending{epoch: epoch, entry: toWire(e), need: int32(need), done: make(chan struct{}), stale: make(chan struct{})}
+	p, err := r.Submit(epoch, e, to, need, need, nil)
+	if err != nil {
+		return err
+	}
+	return p.Wait(ctx)
+}
+
+// Submit queues e for every follower in to (this node and duplicates are
+// skipped) and returns at once. Wait blocks until need followers have made
+// it durable; onCommit, if set, runs once (on a sender goroutine) when
+// commitAt of them have, even if nobody waits any more. It fails with
+// ErrAckTimeout when fewer than need followers can take the entry now.
+func (r *Replicator) Submit(epoch uint64, e storage.Entry, to []string, need, commitAt int, onCommit func()) (*Pending, error) {
+	p := &Pending{
+		epoch: epoch, entry: toWire(e), need: int32(need), commitAt: int32(commitAt), onCommit: onCommit,
+		done: make(chan struct{}), stale: make(chan struct{}), ended: make(chan struct{}),
+	}
 	if need <= 0 {
 		p.once.Do(func() { close(p.done) })
 	}
-	sent := 0
-	seen := map[string]bool{}
+	if commitAt <= 0 {
+		p.commit()
+	}
+	if sent := r.Extend(p, to); sent < need {
+		return nil, fmt.Errorf("%w: %d of %d followers can take the entry now", ErrAckTimeout, sent, need)
+	}
+	return p, nil
+}
+
+// Extend queues p for more followers (stand-ins for owners that do not
+// answer); their confirmations count like the others'. Followers p was
+// already queued for, and this node, are skipped. It returns how many
+// followers p is queued for in all.
+func (r *Replicator) Extend(p *Pending, to []string) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.sent == nil {
+		p.sent = map[string]bool{}
+	}
 	for _, id := range to {
-		if id == r.cfg.Self || seen[id] { // a duplicate must not count twice
+		if id == r.cfg.Self || p.sent[id] { // a duplicate must not count twice
 			continue
 		}
-		seen[id] = true
 		if pr := r.peer(id); pr != nil && pr.enqueue(p) {
-			sent++
+			p.sent[id] = true
 		}
 	}
-	if sent < need {
-		return fmt.Errorf("%w: %d of %d followers can take the entry now", ErrAckTimeout, sent, need)
+	return len(p.sent)
+}
+
+// Done is closed once the entry reached its need.
+func (p *Pending) Done() <-chan struct{} { return p.done }
+
+// Wait blocks until the entry reached its need, and otherwise returns an
+// error wrapping ErrAckTimeout (ctx ended or the replicator closed),
+// ErrTermEnded, or storage.ErrStaleEpoch (a follower admitted a newer term).
+func (p *Pending) Wait(ctx context.Context) error {
+	select {
+	case <-p.done:
+		return nil
+	default:
 	}
 	select {
 	case <-p.done:
 		return nil
 	case <-p.stale:
 		return fmt.Errorf("replicate: %w", storage.ErrStaleEpoch)
-	case <-r.ctx.Done():
-		return fmt.Errorf("%w: replicator closed", ErrAckTimeout)
+	case <-p.ended:
+		return fmt.Errorf("replicate: %w after %d of %d confirmations", p.endErr, p.acks.Load(), p.need)
 	case <-ctx.Done():
-		return fmt.Errorf("%w: %d of %d confirmations: %w", ErrAckTimeout, p.acks.Load(), need, ctx.Err())
+		return fmt.Errorf("%w: %d of %d confirmations: %w", ErrAckTimeout, p.acks.Load(), p.need, ctx.Err())
 	}
+}
+
+// Queued returns how many entries wait for each follower it has sent to:
+// the leader's view of replication lag.
+func (r *Replicator) Queued() map[string]int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make(map[string]int, len(r.peers))
+	for id, p := range r.peers {
+		out[id] = len(p.queue)
+	}
+	return out
 }
 
 // Behind lists followers whose queue overflowed: they missed entries and
@@ -174,7 +267,7 @@ func (r *Replicator) Behind() []string {
 type peer struct {
 	id     string
 	r      *Replicator
-	queue  chan *pending
+	queue  chan *Pending
 	behind atomic.Bool
 }
 
@@ -187,7 +280,7 @@ func (r *Replicator) peer(id string) *peer {
 	}
 	p, ok := r.peers[id]
 	if !ok {
-		p = &peer{id: id, r: r, queue: make(chan *pending, r.cfg.QueueLen)}
+		p = &peer{id: id, r: r, queue: make(chan *Pending, r.cfg.QueueLen)}
 		r.peers[id] = p
 		r.wg.Add(1)
 		go p.run()
@@ -195,7 +288,7 @@ func (r *Replicator) peer(id string) *peer {
 	return p
 }
 
-func (p *peer) enqueue(e *pending) bool {
+func (p *peer) enqueue(e *Pending) bool {
 	select {
 	case p.queue <- e:
 		return true
@@ -212,8 +305,8 @@ func (p *peer) enqueue(e *pending) bool {
 // follower refuses its term.
 func (p *peer) run() {
 	defer p.r.wg.Done()
-	batch := make([]*pending, 0, p.r.cfg.MaxBatch)
-	var carry *pending
+	batch := make([]*Pending, 0, p.r.cfg.MaxBatch)
+	var carry *Pending
 	for {
 		batch = batch[:0]
 		if carry != nil {
@@ -223,6 +316,7 @@ func (p *peer) run() {
 			case e := <-p.queue:
 				batch = append(batch, e)
 			case <-p.r.ctx.Done():
+				p.drain()
 				return
 			}
 		}
@@ -243,7 +337,20 @@ func (p *peer) run() {
 	}
 }
 
-func (p *peer) deliver(batch []*pending) {
+// drain ends every entry still queued when the replicator closes, so no
+// waiter hangs.
+func (p *peer) drain() {
+	for {
+		select {
+		case e := <-p.queue:
+			e.end(errReplicatorClosed)
+		default:
+			return
+		}
+	}
+}
+
+func (p *peer) deliver(batch []*Pending) {
 	req := batchRequest{Envelope: Envelope{Epoch: batch[0].epoch, Leader: p.r.cfg.Self}, Entries: make([]wireEntry, len(batch))}
 	for i, e := range batch {
 		req.Entries[i] = e.entry
@@ -255,7 +362,23 @@ func (p *peer) deliver(batch []*pending) {
 	}
 	backoff := 20 * time.Millisecond
 	for {
+		if f := p.r.cfg.Active; f != nil && !f(req.Epoch) {
+			for _, e := range batch {
+				e.end(ErrTermEnded)
+			}
+			return
+		}
 		reply, status, err := p.send(body)
+		if f := p.r.cfg.OnResult; f != nil {
+			switch {
+			case err != nil:
+				f(p.id, err)
+			case status == http.StatusOK || status == http.StatusConflict:
+				f(p.id, nil)
+			default:
+				f(p.id, fmt.Errorf("replicate: status %d", status))
+			}
+		}
 		switch {
 		case err == nil && status == http.StatusOK:
 			for _, e := range batch {
@@ -281,6 +404,9 @@ func (p *peer) deliver(batch []*pending) {
 		}
 		select {
 		case <-p.r.ctx.Done():
+			for _, e := range batch {
+				e.end(errReplicatorClosed)
+			}
 			return
 		case <-time.After(backoff):
 		}

@@ -31,7 +31,7 @@ func newFollower(t *testing.T) *follower {
 	}
 	t.Cleanup(func() { _ = db.Close() })
 	f := &follower{db: db}
-	h := FollowerHandler(db, NewFence(db.FenceEpoch()))
+	h := FollowerHandler(db, NewFence(db.FenceEpoch()), nil)
 	hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if f.down.Load() || r.URL.Path != ReplicatePath || r.Header.Get(PeerTokenHeader) != "tok" {
 			http.Error(w, "down", http.StatusServiceUnavailable)

@@ -131,6 +131,9 @@ func (r *Ring) Members() []string {
 	return slices.Clone(r.members)
 }
 
+// PartitionCount is the number of partitions keys hash into.
+func (r *Ring) PartitionCount() int { return r.cfg.PartitionCount }
+
 // Partition returns the partition key hashes to.
 func (r *Ring) Partition(key string) int {
 	return int(xxhash.Sum64String(key) % uint64(r.cfg.PartitionCount))

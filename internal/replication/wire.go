@@ -77,8 +77,9 @@ const maxBatchBytes = 64 << 20
 // older term, or another leader claiming the current one, is refused) and
 // through the store's durable fence, and applies it durably before
 // answering 200. A refused batch gets 409 with code stale_epoch and the
-// follower's fence, and changes nothing.
-func FollowerHandler(db Applier, fence *Fence) http.Handler {
+// follower's fence, and changes nothing. An empty batch is a heartbeat.
+// onAdmit, if set, hears every admitted envelope.
+func FollowerHandler(db Applier, fence *Fence, onAdmit func(Envelope)) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		reply := func(status int, br batchReply) {
 			b, _ := json.Marshal(br)
@@ -107,6 +108,9 @@ func FollowerHandler(db Applier, fence *Fence) http.Handler {
 			fail(http.StatusConflict, "stale_epoch", err)
 			return
 		}
+		if onAdmit != nil {
+			onAdmit(req.Envelope)
+		}
 		entries := make([]storage.Entry, 0, len(req.Entries))
 		for _, we := range req.Entries {
 			e, err := fromWire(we)
@@ -115,6 +119,11 @@ func FollowerHandler(db Applier, fence *Fence) http.Handler {
 				return
 			}
 			entries = append(entries, e)
+		}
+		if len(entries) == 0 && db.FenceEpoch() >= req.Epoch {
+			// A heartbeat of a term already persisted: nothing to sync.
+			reply(http.StatusOK, batchReply{Fence: req.Epoch})
+			return
 		}
 		n, err := db.ApplyReplicated(r.Context(), req.Epoch, entries)
 		switch {

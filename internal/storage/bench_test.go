@@ -70,7 +70,7 @@ func BenchmarkPut_NoGroupCommit(b *testing.B) {
 				return db.bolt.Update(func(tx *bolt.Tx) error {
 					meta := tx.Bucket(bucketMeta)
 					seq := readSeq(meta)
-					if _, err := applyOne(tx.Bucket(bucketKV), &seq, Mutation{Key: fmt.Sprintf("k%d", i), Value: value256, Epoch: 1}); err != nil {
+					if _, err := applyOne(tx.Bucket(bucketKV), &seq, Mutation{Key: fmt.Sprintf("k%d", i), Value: value256, Epoch: 1}, new([]change)); err != nil {
 						return err
 					}
 					return meta.Put(metaSeq, binary.BigEndian.AppendUint64(nil, seq))

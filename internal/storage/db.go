@@ -65,6 +65,12 @@ type Options struct {
 	// window in which a retried write is recognised and not applied twice.
 	// Default 10 minutes.
 	RequestTTL time.Duration
+
+	// Partitions and PartitionOf let replicas compare their contents
+	// cheaply: the DB keeps one digest per partition (see Digests). Zero
+	// Partitions keeps none (a single node needs none).
+	Partitions  int
+	PartitionOf func(key string) int
 }
 
 // Mutation is one write: a put of Value, or a delete, under an optional
@@ -115,6 +121,11 @@ type DB struct {
 	closed bool
 	reqs   chan *request
 	done   chan struct{}
+
+	// digests and the change broadcast; see digest.go.
+	digMu   sync.Mutex
+	digests []uint64
+	changed chan struct{}
 }
 
 // request is one unit of work for the committer: a local Mutation, or (when
@@ -166,12 +177,21 @@ func Open(dir string, opts Options) (*DB, error) {
 		_ = bdb.Close()
 		return nil, fmt.Errorf("storage: %s: %w", path, err)
 	}
+	if opts.Partitions < 0 || (opts.Partitions > 0 && opts.PartitionOf == nil) {
+		_ = bdb.Close()
+		return nil, fmt.Errorf("storage: Options.Partitions %d needs a PartitionOf", opts.Partitions)
+	}
 	db := &DB{
 		bolt:    bdb,
 		opts:    opts,
 		metrics: newMetrics(opts.Registerer),
 		reqs:    make(chan *request, opts.MaxBatch),
 		done:    make(chan struct{}),
+		changed: make(chan struct{}),
+	}
+	if err := db.loadDigests(); err != nil {
+		_ = bdb.Close()
+		return nil, fmt.Errorf("storage: %s: %w", path, err)
 	}
 	go db.commitLoop()
 	return db, nil
@@ -443,6 +463,7 @@ func (db *DB) sweepRequests(cutoff time.Time) {
 
 func (db *DB) commit(batch []*request) {
 	start := time.Now()
+	var changes []change
 	err := db.bolt.Update(func(tx *bolt.Tx) error {
 		meta, kv := tx.Bucket(bucketMeta), tx.Bucket(bucketKV)
 		reqs := requestBuckets{ids: tx.Bucket(bucketRequests), byTime: tx.Bucket(bucketRequestsByTime)}
@@ -461,9 +482,9 @@ func (db *DB) commit(batch []*request) {
 				continue
 			}
 			if r.repl != nil {
-				r.err = applyReplicated(kv, &seq, r.repl)
+				r.err = applyReplicated(kv, &seq, r.repl, &changes)
 			} else {
-				r.res, r.err = applyIdempotent(kv, reqs, &seq, r.m, start)
+				r.res, r.err = applyIdempotent(kv, reqs, &seq, r.m, start, &changes)
 			}
 			if r.err == nil {
 				fence = epoch
@@ -480,6 +501,9 @@ func (db *DB) commit(batch []*request) {
 		return nil
 	})
 	db.metrics.observeCommit(time.Since(start), len(batch))
+	if err == nil {
+		db.noteChanges(changes)
+	}
 	for _, r := range batch {
 		if err != nil {
 			// The transaction rolled back: nothing in it was written.
@@ -493,9 +517,9 @@ func (db *DB) commit(batch []*request) {
 // which case it returns the remembered result.
 type requestBuckets struct{ ids, byTime *bolt.Bucket }
 
-func applyIdempotent(kv *bolt.Bucket, reqs requestBuckets, seq *uint64, m Mutation, now time.Time) (Result, error) {
+func applyIdempotent(kv *bolt.Bucket, reqs requestBuckets, seq *uint64, m Mutation, now time.Time, changes *[]change) (Result, error) {
 	if m.RequestID == "" {
-		return applyOne(kv, seq, m)
+		return applyOne(kv, seq, m, changes)
 	}
 	if raw := reqs.ids.Get([]byte(m.RequestID)); raw != nil {
 		res, key, ok := decodeRequest(raw)
@@ -507,7 +531,7 @@ func applyIdempotent(kv *bolt.Bucket, reqs requestBuckets, seq *uint64, m Mutati
 		}
 		return res, nil
 	}
-	res, err := applyOne(kv, seq, m)
+	res, err := applyOne(kv, seq, m, changes)
 	if err != nil {
 		return res, err
 	}
@@ -526,15 +550,16 @@ func applyIdempotent(kv *bolt.Bucket, reqs requestBuckets, seq *uint64, m Mutati
 // applyOne applies a single mutation inside the batch transaction. Mutations
 // of one batch see each other in arrival order, so two compare-and-sets on
 // one key in the same batch behave exactly as if committed separately.
-func applyOne(kv *bolt.Bucket, seq *uint64, m Mutation) (Result, error) {
+func applyOne(kv *bolt.Bucket, seq *uint64, m Mutation, changes *[]change) (Result, error) {
 	key := []byte(m.Key)
-	var cur Version
+	var cur, stored Version
 	exists := false
 	if raw := kv.Get(key); raw != nil {
 		v, deleted, ok := recordVersion(raw)
 		if !ok {
 			return Result{}, fmt.Errorf("%w: key %q", ErrCorrupt, m.Key)
 		}
+		stored = v
 		if !deleted {
 			cur, exists = v, true
 		}
@@ -557,6 +582,7 @@ func applyOne(kv *bolt.Bucket, seq *uint64, m Mutation) (Result, error) {
 		*seq--
 		return Result{}, err
 	}
+	*changes = append(*changes, change{key: m.Key, old: stored, new: v})
 	e := Entry{Key: m.Key, Version: v, Deleted: m.Delete}
 	if !m.Delete {
 		e.Value = append([]byte(nil), m.Value...)
@@ -576,16 +602,17 @@ func readUint(meta *bolt.Bucket, key []byte) uint64 {
 // applyReplicated stores each entry whose version is newer than the key's
 // current one (live or tombstone). Older or equal versions are skipped, so
 // a batch may be re-sent or arrive after a newer one without harm.
-func applyReplicated(kv *bolt.Bucket, seq *uint64, b *replBatch) error {
+func applyReplicated(kv *bolt.Bucket, seq *uint64, b *replBatch, changes *[]change) error {
 	b.applied = 0
 	for _, e := range b.entries {
 		if e.Key == "" || e.Version.IsZero() {
 			return fmt.Errorf("%w: replicated entry without key or version", ErrInvalidMutation)
 		}
 		key := []byte(e.Key)
+		var cur Version
 		if raw := kv.Get(key); raw != nil {
-			cur, _, ok := recordVersion(raw)
-			if !ok {
+			var ok bool
+			if cur, _, ok = recordVersion(raw); !ok {
 				return fmt.Errorf("%w: key %q", ErrCorrupt, e.Key)
 			}
 			if !cur.Less(e.Version) {
@@ -595,6 +622,7 @@ func applyReplicated(kv *bolt.Bucket, seq *uint64, b *replBatch) error {
 		if err := kv.Put(key, encodeRecord(e.Version, e.Value, e.Deleted)); err != nil {
 			return err
 		}
+		*changes = append(*changes, change{key: e.Key, old: cur, new: e.Version})
 		*seq = max(*seq, e.Version.Seq)
 		b.applied++
 	}

@@ -1,0 +1,511 @@
+package replication
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/statefulkv/store/internal/storage"
+)
+
+// Errors of the cluster's read and write paths.
+var (
+	// ErrNoLeader means no leader is known, so a strong read cannot be
+	// confirmed.
+	ErrNoLeader = errors.New("no leader known")
+	// ErrReadTimeout means a strong read could not be confirmed in time:
+	// the leader had a write to the key in flight, or this replica had not
+	// applied the leader's version yet.
+	ErrReadTimeout = errors.New("strong read not confirmed in time")
+	// ErrDiverged means this replica holds a version of the key the leader
+	// does not know (an unacknowledged write of a deposed leader); it
+	// refuses to answer a strong read from it until repair.
+	ErrDiverged = errors.New("replica holds a version the leader does not know")
+	// ErrNotCaughtUp means this node leads but has not finished collecting
+	// the previous terms' writes, so it answers no read index yet.
+	ErrNotCaughtUp = errors.New("leader still catching up")
+)
+
+// AckLevel says how many durable copies a write needs before the client is
+// told it succeeded. See doc.go for exactly what each promises.
+type AckLevel int
+
+const (
+	// AckQuorum (the default): the leader and ⌊R/2⌋ other members.
+	AckQuorum AckLevel = iota
+	// AckLeader: the leader's fsync only.
+	AckLeader
+	// AckAll: the leader and every owner of the key.
+	AckAll
+)
+
+// ParseAck reads the ack= query parameter; "" is the default, quorum.
+func ParseAck(s string) (AckLevel, error) {
+	switch s {
+	case "", "quorum":
+		return AckQuorum, nil
+	case "leader":
+		return AckLeader, nil
+	case "all":
+		return AckAll, nil
+	}
+	return 0, fmt.Errorf("ack=%q: use leader, quorum or all", s)
+}
+
+func (a AckLevel) String() string {
+	return [...]string{"quorum", "leader", "all"}[a]
+}
+
+// Leadership is what replication needs from leader election.
+type Leadership interface {
+	// WriteGate returns this node's term and whether it may write now.
+	WriteGate() (epoch uint64, open bool)
+	// Leader returns the last observed leader and its term.
+	Leader() (id string, epoch uint64)
+	// ObserveEpoch reports a newer term seen on the wire: the node stops
+	// writing at once if it led an older one.
+	ObserveEpoch(epoch uint64)
+}
+
+// Local is what replication needs from this node's store. *storage.DB
+// implements it.
+type Local interface {
+	Applier
+	Digests() []uint64
+	PartitionEntries(parts []int) ([]storage.Entry, error)
+	Lookup(key string) (storage.Entry, bool, error)
+	Changed() <-chan struct{}
+}
+
+// ClusterConfig configures a Cluster. Fields without a default are required.
+type ClusterConfig struct {
+	// Self is this node's identity; Members lists every node's, Self included.
+	Self    string
+	Members []string
+	// ReplicationFactor is R, the owners per key. Default 2.
+	ReplicationFactor int
+	// Ring places keys; Members are set on it by NewCluster. The store must
+	// partition its digests with the same ring (storage.Options).
+	Ring       *Ring
+	Local      Local
+	Leadership Leadership
+	PeerAddr   func(id string) (string, error)
+	// Token is the cluster token presented on peer calls.
+	Token string
+	// HeartbeatInterval is how often the leader tells every member it is
+	// alive (their stale reads report the time since). Default 500ms.
+	HeartbeatInterval time.Duration
+	// RepairInterval is how often a follower compares its partitions with
+	// the leader's and pulls what differs. Default 2s.
+	RepairInterval time.Duration
+	// ReadTimeout bounds how long a strong read waits for a write in flight
+	// or for this replica to apply the leader's version. Default 5s.
+	ReadTimeout time.Duration
+	// StandInAfter is how long a write waits for its owners before live
+	// non-owners take a copy in place of owners that do not answer.
+	// Default 500ms.
+	StandInAfter time.Duration
+	Logger      *slog.Logger
+	Registerer  prometheus.Registerer
+}
+
+// Cluster is one node's part in replication: as leader it replicates each
+// write to the key's owners, catches up before its first write of a term,
+// answers read-index calls and sends heartbeats; as follower it applies
+// what the leader sends, serves reads, and repairs its partitions against
+// the leader's. See DESIGN.md for why each piece is there.
+//
+// Safe for concurrent use. Run drives the background loops; Close stops
+// them.
+type Cluster struct {
+	cfg    ClusterConfig
+	log    *slog.Logger
+	repl   *Replicator
+	fence  *Fence
+	client *http.Client
+	m      *clusterMetrics
+
+	// caughtUp is the term whose catch-up finished; the write gate opens
+	// only for it.
+	caughtUp atomic.Uint64
+	catchMu  sync.Mutex
+	catching uint64
+
+	// inflight holds this term's keys with writes not yet committed.
+	inflight atomic.Pointer[inflightSet]
+
+	lastContact atomic.Int64 // unix nanos of the last admitted leader message
+	lastRepair  atomic.Int64 // unix nanos of the last repair round that matched the leader
+
+	healthMu sync.Mutex
+	health   map[string]*memberHealth
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+type memberHealth struct {
+	lastOK, lastFail time.Time
+}
+
+// NewCluster validates cfg, places Members on the ring and returns a
+// Cluster whose loops are not running yet (see Run).
+func NewCluster(cfg ClusterConfig) (*Cluster, error) {
+	switch {
+	case cfg.Self == "" || cfg.Ring == nil || cfg.Local == nil || cfg.Leadership == nil || cfg.PeerAddr == nil:
+		return nil, errors.New("replication: ClusterConfig needs Self, Ring, Local, Leadership and PeerAddr")
+	case !slices.Contains(cfg.Members, cfg.Self):
+		return nil, fmt.Errorf("replication: members %v do not include this node %q", cfg.Members, cfg.Self)
+	}
+	if cfg.ReplicationFactor == 0 {
+		cfg.ReplicationFactor = 2
+	}
+	if cfg.ReplicationFactor < 1 {
+		return nil, fmt.Errorf("%w: replication factor %d must be at least 1", ErrInvalidRing, cfg.ReplicationFactor)
+	}
+	if err := cfg.Ring.Set(cfg.Members); err != nil {
+		return nil, err
+	}
+	cfg.Members = cfg.Ring.Members()
+	if cfg.HeartbeatInterval <= 0 {
+		cfg.HeartbeatInterval = 500 * time.Millisecond
+	}
+	if cfg.RepairInterval <= 0 {
+		cfg.RepairInterval = 2 * time.Second
+	}
+	if cfg.ReadTimeout <= 0 {
+		cfg.ReadTimeout = 5 * time.Second
+	}
+	if cfg.StandInAfter <= 0 {
+		cfg.StandInAfter = 500 * time.Millisecond
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	c := &Cluster{
+		cfg:    cfg,
+		log:    cfg.Logger.With("component", "replication"),
+		fence:  NewFence(cfg.Local.FenceEpoch()),
+		health: map[string]*memberHealth{},
+		client: &http.Client{
+			Timeout: 10 * time.Second,
+			Transport: &http.Transport{
+				Proxy:               nil,
+				DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+				MaxIdleConnsPerHost: 64,
+				IdleConnTimeout:     90 * time.Second,
+			},
+		},
+	}
+	c.inflight.Store(newInflightSet())
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	repl, err := NewReplicator(ReplicatorConfig{
+		Self:     cfg.Self,
+		PeerAddr: cfg.PeerAddr,
+		Token:    cfg.Token,
+		OnStaleEpoch: func(fence uint64) {
+			c.cfg.Leadership.ObserveEpoch(fence)
+		},
+		Active:   c.leads,
+		OnResult: c.noteResult,
+		Client:   c.client,
+		Logger:   cfg.Logger,
+	})
+	if err != nil {
+		return nil, err
+	}
+	c.repl = repl
+	c.m = newClusterMetrics(cfg.Registerer, c)
+	return c, nil
+}
+
+// Run drives the heartbeat (leader) and repair (follower) loops until ctx
+// ends or Close is called.
+func (c *Cluster) Run(ctx context.Context) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-c.ctx.Done():
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	var wg sync.WaitGroup
+	wg.Go(func() { c.heartbeatLoop(ctx) })
+	wg.Go(func() { c.repairLoop(ctx) })
+	wg.Wait()
+}
+
+// Close stops the loops, the catch-up and the senders. Writes waiting for
+// replicas fail with ErrAckTimeout.
+func (c *Cluster) Close() {
+	c.cancel()
+	c.wg.Wait()
+	c.repl.Close()
+}
+
+// leads reports whether the elector's gate is open for term epoch.
+func (c *Cluster) leads(epoch uint64) bool {
+	e, open := c.cfg.Leadership.WriteGate()
+	return open && e == epoch
+}
+
+// WriteGate is the elector's gate, held shut until this term's catch-up has
+// finished: a new leader must hold every acknowledged write of earlier terms
+// before it decides a compare-and-set or answers a read index. The first
+// call of a term starts the catch-up.
+func (c *Cluster) WriteGate() (epoch uint64, open bool) {
+	e, open := c.cfg.Leadership.WriteGate()
+	if !open {
+		return e, false
+	}
+	if c.caughtUp.Load() == e {
+		return e, true
+	}
+	c.startCatchUp(e)
+	return e, false
+}
+
+// Owners returns the key's owners, primary first.
+func (c *Cluster) Owners(key string) []string {
+	owners, err := c.cfg.Ring.Owners(key, c.cfg.ReplicationFactor)
+	if err != nil {
+		// The ring always has members after NewCluster; keep the node
+		// serving with what it knows.
+		return nil
+	}
+	return owners
+}
+
+// Self is this node's identity.
+func (c *Cluster) Self() string { return c.cfg.Self }
+
+// Write applies a write on the leader and replicates it. apply performs the
+// local durable write (storage.DB.Apply stamped with epoch); Write then
+// sends the entry to the key's owners and returns once ack is met. The
+// returned error wraps ErrAckTimeout, ErrTermEnded or storage.ErrStaleEpoch
+// when the entry is durable here but not (yet) where ack promised: its
+// outcome is unknown to the client.
+func (c *Cluster) Write(ctx context.Context, epoch uint64, ack AckLevel, key string, apply func() (storage.Result, error)) (storage.Result, error) {
+	// The key is in flight from before the local commit until the entry is
+	// committed (a quorum of copies), so a read index never hands out a
+	// version that a crash of this node could still take back.
+	set := c.inflight.Load()
+	set.add(key)
+	res, err := apply()
+	if err != nil {
+		set.done(key)
+		return res, err
+	}
+	entry := res.Entry
+	if res.Replayed {
+		// A retry of a write applied before: make sure it reaches its
+		// copies this time, unless a newer write has replaced it.
+		cur, found, err := c.cfg.Local.Lookup(key)
+		if err != nil || !found || cur.Version != entry.Version {
+			set.done(key)
+			return res, err
+		}
+		entry = cur
+	}
+	targets, need, commitAt := c.placement(key, ack)
+	p, err := c.repl.Submit(epoch, entry, targets, need, commitAt, func() { set.done(key) })
+	if err != nil {
+		return res, err
+	}
+	start := time.Now()
+	if ack != AckAll && need > 0 {
+		// An owner that died a moment ago is not known to be down yet: if
+		// the copies do not confirm soon, stand-ins take the entry too.
+		select {
+		case <-p.Done():
+		case <-ctx.Done():
+		case <-time.After(c.cfg.StandInAfter):
+			c.repl.Extend(p, c.standIns(key, nil))
+		}
+	}
+	err = p.Wait(ctx)
+	c.m.replicate.WithLabelValues(ack.String()).Observe(time.Since(start).Seconds())
+	return res, err
+}
+
+// standIns lists live members that are neither this node nor an owner of
+// key, in ring order, skipping those in except.
+func (c *Cluster) standIns(key string, except []string) []string {
+	owners := c.Owners(key)
+	all, _ := c.cfg.Ring.Owners(key, len(c.cfg.Members))
+	var out []string
+	for _, m := range all {
+		if m != c.cfg.Self && !slices.Contains(owners, m) && !slices.Contains(except, m) && !c.down(m) {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// placement picks the followers a write goes to and how many of them must
+// confirm: need for the client's ack level, commitAt before strong reads
+// may see it. The leader's own copy counts as one, so a quorum of R copies
+// needs ⌊R/2⌋ followers. An owner that is down is replaced by a live
+// non-owner (a stand-in holding a hint; repair later brings the owner up to
+// date), except for ack=all, which promises the owners themselves.
+func (c *Cluster) placement(key string, ack AckLevel) (targets []string, need, commitAt int) {
+	owners := c.Owners(key)
+	for _, o := range owners {
+		if o != c.cfg.Self {
+			targets = append(targets, o)
+		}
+	}
+	quorum := len(owners) / 2
+	switch ack {
+	case AckLeader:
+		need = 0
+	case AckQuorum:
+		need = quorum
+	case AckAll:
+		need = len(targets)
+	}
+	down := 0
+	for _, t := range targets {
+		if c.down(t) {
+			down++
+		}
+	}
+	if down > 0 && ack != AckAll {
+		stand := c.standIns(key, nil)
+		targets = append(targets, stand[:min(down, len(stand))]...)
+	}
+	return targets, need, min(quorum, len(targets))
+}
+
+// noteResult records a delivery or heartbeat outcome for liveness.
+func (c *Cluster) noteResult(id string, err error) {
+	c.healthMu.Lock()
+	defer c.healthMu.Unlock()
+	h := c.health[id]
+	if h == nil {
+		h = &memberHealth{}
+		c.health[id] = h
+	}
+	if err == nil {
+		h.lastOK = time.Now()
+	} else {
+		h.lastFail = time.Now()
+	}
+}
+
+// down reports whether the last call to id failed.
+func (c *Cluster) down(id string) bool {
+	c.healthMu.Lock()
+	defer c.healthMu.Unlock()
+	h := c.health[id]
+	return h != nil && h.lastFail.After(h.lastOK)
+}
+
+// admit passes a leader's envelope through the fence; a newer term than
+// this node's makes it stop writing.
+func (c *Cluster) admit(env Envelope) error {
+	if err := c.fence.Admit(env); err != nil {
+		return err
+	}
+	c.admitted(env)
+	return nil
+}
+
+// admitted notes a leader's envelope that passed the fence.
+func (c *Cluster) admitted(env Envelope) {
+	if env.Leader != c.cfg.Self {
+		c.cfg.Leadership.ObserveEpoch(env.Epoch)
+		c.lastContact.Store(nowNano())
+	}
+}
+
+// LastContact is the time since this node last heard from a leader (zero
+// on the leader itself, and on a node that never heard from one it is the
+// time since it started).
+func (c *Cluster) LastContact() time.Duration {
+	if _, open := c.WriteGate(); open {
+		return 0
+	}
+	last := c.lastContact.Load()
+	if last == 0 {
+		return time.Duration(1<<63 - 1)
+	}
+	return time.Since(time.Unix(0, last))
+}
+
+// inflightSet tracks one term's keys whose latest write is not committed.
+type inflightSet struct {
+	mu sync.Mutex
+	m  map[string]*keyWait
+}
+
+type keyWait struct {
+	n    int
+	free chan struct{}
+}
+
+func newInflightSet() *inflightSet { return &inflightSet{m: map[string]*keyWait{}} }
+
+func (s *inflightSet) add(key string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	w := s.m[key]
+	if w == nil {
+		w = &keyWait{free: make(chan struct{})}
+		s.m[key] = w
+	}
+	w.n++
+}
+
+func (s *inflightSet) done(key string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	w := s.m[key]
+	if w == nil {
+		return
+	}
+	if w.n--; w.n == 0 {
+		close(w.free)
+		delete(s.m, key)
+	}
+}
+
+// whenIdle runs read at a moment when no write to key is in flight and
+// returns its result, or ctx's error. read runs under the set's lock: a
+// write registers (add) before it applies, so read sees only committed
+// writes of key.
+func (s *inflightSet) whenIdle(ctx context.Context, key string, read func() error) error {
+	for {
+		s.mu.Lock()
+		w := s.m[key]
+		if w == nil {
+			err := read()
+			s.mu.Unlock()
+			return err
+		}
+		s.mu.Unlock()
+		select {
+		case <-w.free:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+func (s *inflightSet) len() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.m)
+}

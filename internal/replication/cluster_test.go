@@ -1,0 +1,273 @@
+package replication
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/statefulkv/store/internal/storage"
+)
+
+// fakeLead is a Leadership a test moves by hand: who leads, in which term.
+type fakeLead struct {
+	self string
+	mu   sync.Mutex
+	id   string
+	ep   uint64
+	seen uint64
+}
+
+func (f *fakeLead) set(id string, epoch uint64) {
+	f.mu.Lock()
+	f.id, f.ep = id, epoch
+	f.mu.Unlock()
+}
+
+func (f *fakeLead) WriteGate() (uint64, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.ep, f.id == f.self && f.seen <= f.ep
+}
+
+func (f *fakeLead) Leader() (string, uint64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.id, f.ep
+}
+
+func (f *fakeLead) ObserveEpoch(e uint64) {
+	f.mu.Lock()
+	f.seen = max(f.seen, e)
+	f.mu.Unlock()
+}
+
+// testNode is one member: a real store, a Cluster, and its peer endpoints
+// on loopback, which the test can take down (503 on every call).
+type testNode struct {
+	id   string
+	db   *storage.DB
+	c    *Cluster
+	lead *fakeLead
+	down atomic.Bool
+	addr string
+}
+
+// newTestCluster starts n members node-1..node-n with factor r, led by
+// node-1 in term 1.
+func newTestCluster(t *testing.T, n, r int) []*testNode {
+	t.Helper()
+	var members []string
+	for i := 1; i <= n; i++ {
+		members = append(members, fmt.Sprintf("node-%d", i))
+	}
+	addrs := map[string]string{}
+	var mu sync.Mutex
+	peerAddr := func(id string) (string, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		a, ok := addrs[id]
+		if !ok {
+			return "", fmt.Errorf("unknown member %s", id)
+		}
+		return a, nil
+	}
+	var nodes []*testNode
+	for _, id := range members {
+		ring, err := NewRing(RingConfig{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		db, err := storage.Open(t.TempDir(), storage.Options{Partitions: ring.PartitionCount(), PartitionOf: ring.Partition})
+		if err != nil {
+			t.Fatal(err)
+		}
+		nd := &testNode{id: id, db: db, lead: &fakeLead{self: id}}
+		nd.lead.set(members[0], 1)
+		nd.c, err = NewCluster(ClusterConfig{
+			Self: id, Members: members, ReplicationFactor: r, Ring: ring, Local: db, Leadership: nd.lead,
+			PeerAddr: peerAddr, Token: "tok", HeartbeatInterval: 50 * time.Millisecond,
+			RepairInterval: 100 * time.Millisecond, ReadTimeout: 2 * time.Second,
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		h := nd.c.Handler()
+		hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if nd.down.Load() || r.Header.Get(PeerTokenHeader) != "tok" {
+				http.Error(w, "down", http.StatusServiceUnavailable)
+				return
+			}
+			h.ServeHTTP(w, r)
+		}))
+		mu.Lock()
+		addrs[id] = strings.TrimPrefix(hs.URL, "http://")
+		mu.Unlock()
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { defer close(done); nd.c.Run(ctx) }()
+		t.Cleanup(func() {
+			cancel()
+			<-done
+			nd.c.Close()
+			hs.Close()
+			_ = db.Close()
+		})
+		nodes = append(nodes, nd)
+	}
+	return nodes
+}
+
+// awaitGate polls until nd's write gate (caught up) opens.
+func awaitGate(t *testing.T, nd *testNode) uint64 {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		if e, open := nd.c.WriteGate(); open {
+			return e
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatalf("%s never caught up", nd.id)
+	return 0
+}
+
+func put(t *testing.T, nd *testNode, ack AckLevel, key, val string) storage.Result {
+	t.Helper()
+	epoch := awaitGate(t, nd)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	res, err := nd.c.Write(ctx, epoch, ack, key, func() (storage.Result, error) {
+		return nd.db.Apply(ctx, storage.Mutation{Key: key, Value: []byte(val), Epoch: epoch})
+	})
+	if err != nil {
+		t.Fatalf("write %s on %s: %v", key, nd.id, err)
+	}
+	return res
+}
+
+func byID(nodes []*testNode, id string) *testNode {
+	for _, n := range nodes {
+		if n.id == id {
+			return n
+		}
+	}
+	return nil
+}
+
+func TestCluster_QuorumWrite_OnOwnersAndStrongReadAtOwner(t *testing.T) {
+	nodes := newTestCluster(t, 3, 2)
+	leader := nodes[0]
+	for i := range 50 {
+		key := fmt.Sprintf("k%d", i)
+		res := put(t, leader, AckAll, key, fmt.Sprint(i))
+		for _, o := range leader.c.Owners(key) {
+			e, found, err := byID(nodes, o).db.Lookup(key)
+			if err != nil || !found || e.Version != res.Entry.Version {
+				t.Fatalf("ack=all returned but owner %s has %+v found=%v err=%v", o, e, found, err)
+			}
+		}
+		for _, nd := range nodes[1:] {
+			if !slices.Contains(leader.c.Owners(key), nd.id) {
+				if _, found, _ := nd.db.Lookup(key); found {
+					t.Fatalf("%s holds %s but does not own it", nd.id, key)
+				}
+			}
+		}
+	}
+	// A strong read at any owner sees the latest acknowledged write.
+	res := put(t, leader, AckQuorum, "k1", `"new"`)
+	for _, o := range leader.c.Owners("k1") {
+		e, found, err := byID(nodes, o).c.ReadStrong(context.Background(), "k1")
+		if err != nil || !found || e.Version != res.Entry.Version {
+			t.Fatalf("strong read at %s: %+v found=%v err=%v, want %s", o, e, found, err, res.Entry.Version)
+		}
+	}
+}
+
+func TestCluster_OwnerDown_StandInTakesQuorum_RepairCatchesUp(t *testing.T) {
+	nodes := newTestCluster(t, 3, 2)
+	leader := nodes[0]
+	victim := nodes[2]
+	victim.down.Store(true)
+	var keys []string
+	for i := range 100 {
+		key := fmt.Sprintf("k%d", i)
+		put(t, leader, AckQuorum, key, fmt.Sprint(i)) // fails the test if quorum is not met
+		keys = append(keys, key)
+	}
+	victim.down.Store(false)
+	// The victim converges: every key it owns at the leader's version.
+	deadline := time.Now().Add(10 * time.Second)
+	for _, key := range keys {
+		if !slices.Contains(leader.c.Owners(key), victim.id) {
+			continue
+		}
+		want, _, _ := leader.db.Lookup(key)
+		for {
+			got, found, _ := victim.db.Lookup(key)
+			if found && got.Version == want.Version {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("victim has %s at %+v (found %v), leader at %s", key, got.Version, found, want.Version)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+}
+
+func TestCluster_NewLeaderCatchesUpBeforeWriting(t *testing.T) {
+	nodes := newTestCluster(t, 3, 2)
+	old := nodes[0]
+	want := map[string]storage.Version{}
+	for i := range 200 {
+		key := fmt.Sprintf("k%d", i)
+		want[key] = put(t, old, AckQuorum, key, fmt.Sprint(i)).Entry.Version
+	}
+	// The old leader dies; node-2 takes over term 2.
+	old.down.Store(true)
+	for _, nd := range nodes {
+		nd.lead.set("node-2", 2)
+	}
+	nw := nodes[1]
+	awaitGate(t, nw)
+	for key, v := range want {
+		e, found, err := nw.c.ReadStrong(context.Background(), key)
+		if err != nil || !found || e.Version != v {
+			t.Fatalf("new leader reads %s as %+v found=%v err=%v, want %s", key, e.Version, found, err, v)
+		}
+	}
+	// A strong read at a follower owner goes through the new leader.
+	for key, v := range want {
+		if !slices.Contains(nw.c.Owners(key), "node-3") {
+			continue
+		}
+		e, found, err := nodes[2].c.ReadStrong(context.Background(), key)
+		if err != nil || !found || e.Version != v {
+			t.Fatalf("strong read of %s at node-3: %+v found=%v err=%v, want %s", key, e.Version, found, err, v)
+		}
+	}
+	// A paused old leader that wakes up and sends a batch of term 1 is
+	// refused by a member that took part in the catch-up.
+	stale, err := NewReplicator(ReplicatorConfig{Self: "node-1", Token: "tok", PeerAddr: nodes[2].c.cfg.PeerAddr})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stale.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := stale.Replicate(ctx, 1, entry("late", "1", 1, 9999), []string{"node-3"}, 1); !errors.Is(err, storage.ErrStaleEpoch) {
+		t.Fatalf("old leader's batch after the new term: %v, want ErrStaleEpoch", err)
+	}
+	if _, found, _ := nodes[2].db.Lookup("late"); found {
+		t.Fatal("a batch of the old term was applied after the new leader caught up")
+	}
+}

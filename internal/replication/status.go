@@ -1,0 +1,145 @@
+package replication
+
+import (
+	"slices"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Status is replication's part of GET /v1/status.
+type Status struct {
+	ReplicationFactor int `json:"replication_factor"`
+	// FactorMet is false when there are fewer members than the factor.
+	FactorMet bool `json:"replication_factor_met"`
+	// CaughtUpEpoch is the term whose catch-up this node finished (leader).
+	CaughtUpEpoch uint64 `json:"caught_up_epoch,omitempty"`
+	// LastContactMs is the time since this node heard from a leader.
+	LastContactMs int64 `json:"last_contact_ms"`
+	// LastRepair is when this node last found its partitions equal to the
+	// leader's (follower).
+	LastRepair *time.Time     `json:"last_repair,omitempty"`
+	Members    []MemberStatus `json:"members"`
+	Behind     []string       `json:"behind,omitempty"`
+}
+
+// MemberStatus is one member as this node sees it.
+type MemberStatus struct {
+	ID string `json:"id"`
+	// Live is this node's latest knowledge: its last call to the member
+	// succeeded, or it has not called it yet.
+	Live bool `json:"live"`
+	// Partitions is how many partitions the member owns.
+	Partitions int `json:"partitions"`
+	// Queued is the leader's count of entries waiting for the member.
+	Queued int `json:"queued"`
+}
+
+// Status reports members, liveness, placement and lag.
+func (c *Cluster) Status() Status {
+	st := Status{
+		ReplicationFactor: c.cfg.ReplicationFactor,
+		FactorMet:         len(c.cfg.Members) >= c.cfg.ReplicationFactor,
+		CaughtUpEpoch:     c.caughtUp.Load(),
+		LastContactMs:     min(c.LastContact(), 365*24*time.Hour).Milliseconds(),
+		Behind:            c.repl.Behind(),
+	}
+	if t := c.lastRepair.Load(); t != 0 {
+		lr := time.Unix(0, t).UTC()
+		st.LastRepair = &lr
+	}
+	parts := c.partitionsPerMember()
+	queued := c.repl.Queued()
+	for _, id := range c.cfg.Members {
+		st.Members = append(st.Members, MemberStatus{ID: id, Live: id == c.cfg.Self || !c.down(id), Partitions: parts[id], Queued: queued[id]})
+	}
+	slices.Sort(st.Behind)
+	return st
+}
+
+func (c *Cluster) partitionsPerMember() map[string]int {
+	out := map[string]int{}
+	for p := range c.cfg.Ring.PartitionCount() {
+		owners, err := c.cfg.Ring.PartitionOwners(p, c.cfg.ReplicationFactor)
+		if err != nil {
+			continue
+		}
+		for _, o := range owners {
+			out[o]++
+		}
+	}
+	return out
+}
+
+type clusterMetrics struct {
+	replicate          *prometheus.HistogramVec
+	catchUp            prometheus.Histogram
+	repairedKeys       prometheus.Counter
+	repairedPartitions prometheus.Counter
+}
+
+func newClusterMetrics(reg prometheus.Registerer, c *Cluster) *clusterMetrics {
+	m := &clusterMetrics{
+		replicate: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "store_replication_wait_seconds",
+			Help:    "Time a write waited for its ack level after the leader's own commit.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 18),
+		}, []string{"ack"}),
+		catchUp: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "store_replication_catchup_seconds",
+			Help:    "Time a new leader spent collecting earlier terms' writes before accepting writes.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 16),
+		}),
+		repairedKeys: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "store_replication_repaired_keys_total",
+			Help: "Entries this follower took from the leader by repair (keys moved to it).",
+		}),
+		repairedPartitions: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "store_replication_repaired_partitions_total",
+			Help: "Partitions this follower found different from the leader's and pulled.",
+		}),
+	}
+	if reg == nil {
+		return m
+	}
+	self := c.cfg.Self
+	reg.MustRegister(m.replicate, m.catchUp, m.repairedKeys, m.repairedPartitions,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "store_replication_partitions_owned",
+			Help: "Partitions this node owns under the current ring.",
+		}, func() float64 { return float64(c.partitionsPerMember()[self]) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "store_replication_factor_met",
+			Help: "1 when there are at least as many members as the replication factor.",
+		}, func() float64 {
+			if len(c.cfg.Members) >= c.cfg.ReplicationFactor {
+				return 1
+			}
+			return 0
+		}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "store_replication_last_contact_seconds",
+			Help: "Time since this node last heard from a leader (0 on the leader): the staleness bound of its stale reads.",
+		}, func() float64 { return min(c.LastContact(), 365*24*time.Hour).Seconds() }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "store_replication_queued_entries",
+			Help: "Entries the leader has queued for followers and not yet delivered (replication lag).",
+		}, func() float64 {
+			n := 0
+			for _, q := range c.repl.Queued() {
+				n += q
+			}
+			return float64(n)
+		}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "store_replication_repair_lag_seconds",
+			Help: "Time since this follower last found its partitions equal to the leader's.",
+		}, func() float64 {
+			if t := c.lastRepair.Load(); t != 0 {
+				return time.Since(time.Unix(0, t)).Seconds()
+			}
+			return 0
+		}),
+	)
+	return m
+}

@@ -1,0 +1,320 @@
+package replication
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/statefulkv/store/internal/storage"
+)
+
+func nowNano() int64 { return time.Now().UnixNano() }
+
+// startCatchUp begins term epoch's catch-up unless it is already running.
+func (c *Cluster) startCatchUp(epoch uint64) {
+	c.catchMu.Lock()
+	defer c.catchMu.Unlock()
+	if c.catching == epoch || c.ctx.Err() != nil {
+		return
+	}
+	c.catching = epoch
+	c.wg.Go(func() { c.catchUp(epoch) })
+}
+
+// catchUp collects, before this node's first write of term epoch, every
+// write earlier terms acknowledged. An acknowledged write is durable on at
+// least two members, so hearing from all members but one finds each of
+// them on some member that answered. It retries until it succeeds or the
+// term ends.
+func (c *Cluster) catchUp(epoch uint64) {
+	start := time.Now()
+	backoff := 100 * time.Millisecond
+	for attempt := 1; c.leads(epoch); attempt++ {
+		ctx, cancel := context.WithTimeout(c.ctx, 30*time.Second)
+		keys, err := c.catchUpOnce(ctx, epoch)
+		cancel()
+		if err == nil {
+			// Writes of earlier terms that never committed can no longer
+			// commit through this node; forget them.
+			c.inflight.Store(newInflightSet())
+			c.caughtUp.Store(epoch)
+			c.m.catchUp.Observe(time.Since(start).Seconds())
+			c.log.Info("caught up; accepting writes", "epoch", epoch, "entries_adopted", keys, "took", time.Since(start).Round(time.Millisecond))
+			return
+		}
+		if errors.Is(err, storage.ErrStaleEpoch) || c.ctx.Err() != nil {
+			c.log.Warn("catch-up stopped", "epoch", epoch, "err", err)
+			break
+		}
+		if attempt == 1 || attempt%20 == 0 {
+			c.log.Warn("catch-up incomplete; writes wait", "epoch", epoch, "attempt", attempt, "err", err)
+		}
+		select {
+		case <-c.ctx.Done():
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 2*time.Second)
+	}
+	c.catchMu.Lock()
+	if c.catching == epoch {
+		c.catching = 0
+	}
+	c.catchMu.Unlock()
+}
+
+func (c *Cluster) catchUpOnce(ctx context.Context, epoch uint64) (int, error) {
+	env := Envelope{Epoch: epoch, Leader: c.cfg.Self}
+	// This node's own fence holds the term too: an older leader's batches
+	// are refused here from now on.
+	if err := c.fence.Admit(env); err != nil {
+		return 0, err
+	}
+	type answer struct {
+		id      string
+		digests []uint64
+		err     error
+	}
+	var (
+		mu      sync.Mutex
+		answers []answer
+		wg      sync.WaitGroup
+	)
+	for _, id := range c.cfg.Members {
+		if id == c.cfg.Self {
+			continue
+		}
+		wg.Go(func() {
+			cctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+			defer cancel()
+			var reply digestsReply
+			err := c.call(cctx, id, http.MethodPost, DigestsPath, nil, syncRequest{Envelope: &env}, &reply)
+			mu.Lock()
+			answers = append(answers, answer{id, reply.Digests, err})
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	var heard []answer
+	for _, a := range answers {
+		var pe *peerCallError
+		if errors.As(a.err, &pe) && errors.Is(a.err, storage.ErrStaleEpoch) {
+			c.cfg.Leadership.ObserveEpoch(pe.Fence)
+			return 0, a.err
+		}
+		if a.err == nil {
+			heard = append(heard, a)
+		}
+	}
+	if need := len(c.cfg.Members) - 2; len(heard) < need {
+		var errs []error
+		for _, a := range answers {
+			errs = append(errs, a.err)
+		}
+		return 0, fmt.Errorf("heard from %d other members, need %d (all but one): %w", len(heard), need, errors.Join(errs...))
+	}
+	adopted := 0
+	for _, a := range heard {
+		parts, err := differing(c.cfg.Local.Digests(), a.digests, func(int) bool { return true })
+		if err != nil {
+			return adopted, err
+		}
+		n, err := c.fetchEntries(ctx, a.id, &env, epoch, parts)
+		adopted += n
+		if err != nil {
+			return adopted, fmt.Errorf("fetch from %s: %w", a.id, err)
+		}
+	}
+	return adopted, nil
+}
+
+// heartbeatLoop: the caught-up leader tells every member it is alive, so
+// followers' stale reads can state how recent they are, and a member's
+// liveness is known before a write depends on it.
+func (c *Cluster) heartbeatLoop(ctx context.Context) {
+	t := time.NewTicker(c.cfg.HeartbeatInterval)
+	defer t.Stop()
+	busy := map[string]*sync.Mutex{}
+	for _, id := range c.cfg.Members {
+		busy[id] = &sync.Mutex{}
+	}
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		epoch, open := c.WriteGate()
+		if !open {
+			continue
+		}
+		env := Envelope{Epoch: epoch, Leader: c.cfg.Self}
+		for _, id := range c.cfg.Members {
+			if id == c.cfg.Self || !busy[id].TryLock() {
+				continue // one heartbeat per member at a time
+			}
+			wg.Go(func() {
+				defer busy[id].Unlock()
+				hctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+				defer cancel()
+				var reply batchReply
+				err := c.call(hctx, id, http.MethodPost, ReplicatePath, nil, batchRequest{Envelope: env, Entries: []wireEntry{}}, &reply)
+				var pe *peerCallError
+				if errors.As(err, &pe) && errors.Is(err, storage.ErrStaleEpoch) {
+					c.cfg.Leadership.ObserveEpoch(pe.Fence)
+				}
+			})
+		}
+	}
+}
+
+// repairLoop: a follower compares the digests of the partitions it owns
+// with the leader's and pulls every partition that differs. This brings a
+// member that was down, paused, or newly made an owner up to date, without
+// depending on the leader's in-memory queues.
+func (c *Cluster) repairLoop(ctx context.Context) {
+	t := time.NewTicker(c.cfg.RepairInterval)
+	defer t.Stop()
+	for {
+		if err := c.repairOnce(ctx); err != nil && ctx.Err() == nil {
+			c.log.Debug("repair round failed", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// repairOnce runs one repair round against the current leader.
+func (c *Cluster) repairOnce(ctx context.Context) error {
+	leader, _ := c.cfg.Leadership.Leader()
+	if leader == "" || leader == c.cfg.Self {
+		return nil
+	}
+	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	var reply digestsReply
+	if err := c.call(rctx, leader, http.MethodPost, DigestsPath, nil, syncRequest{}, &reply); err != nil {
+		return err
+	}
+	if err := c.admit(reply.Envelope); err != nil {
+		return err
+	}
+	parts, err := differing(c.cfg.Local.Digests(), reply.Digests, c.owns)
+	if err != nil {
+		return err
+	}
+	if len(parts) == 0 {
+		c.lastRepair.Store(nowNano())
+		return nil
+	}
+	n, err := c.fetchEntries(rctx, leader, nil, reply.Epoch, parts)
+	c.m.repairedKeys.Add(float64(n))
+	c.m.repairedPartitions.Add(float64(len(parts)))
+	if err != nil {
+		return err
+	}
+	c.log.Info("repaired partitions from the leader", "leader", leader, "partitions", len(parts), "entries", n)
+	return nil
+}
+
+// owns reports whether this node is an owner of partition p.
+func (c *Cluster) owns(p int) bool {
+	owners, err := c.cfg.Ring.PartitionOwners(p, c.cfg.ReplicationFactor)
+	return err == nil && slices.Contains(owners, c.cfg.Self)
+}
+
+// leaderRead reads key on the caught-up leader once no write to it is in
+// flight, and confirms the term did not end meanwhile.
+func (c *Cluster) leaderRead(ctx context.Context, key string) (e storage.Entry, found bool, epoch uint64, err error) {
+	epoch, open := c.WriteGate()
+	if !open {
+		return e, false, 0, fmt.Errorf("%w: %s is not a caught-up leader", ErrNotCaughtUp, c.cfg.Self)
+	}
+	ctx, cancel := context.WithTimeout(ctx, c.cfg.ReadTimeout)
+	defer cancel()
+	err = c.inflight.Load().whenIdle(ctx, key, func() error {
+		var lerr error
+		e, found, lerr = c.cfg.Local.Lookup(key)
+		return lerr
+	})
+	if err != nil {
+		return e, false, 0, fmt.Errorf("%w: a write to %q stayed in flight: %w", ErrReadTimeout, key, err)
+	}
+	if e2, open := c.WriteGate(); !open || e2 != epoch {
+		return e, false, 0, fmt.Errorf("%w: leadership moved during the read", ErrNotCaughtUp)
+	}
+	return e, found, epoch, nil
+}
+
+// ReadStrong returns key's entry (tombstones included; found is false when
+// the key was never written) such that every write acknowledged before the
+// call is reflected: on the leader, its committed state; elsewhere, this
+// replica's state once it has applied the version the leader's read index
+// names.
+func (c *Cluster) ReadStrong(ctx context.Context, key string) (storage.Entry, bool, error) {
+	if _, open := c.WriteGate(); open {
+		e, found, _, err := c.leaderRead(ctx, key)
+		return e, found, err
+	}
+	leader, _ := c.cfg.Leadership.Leader()
+	if leader == "" || leader == c.cfg.Self {
+		return storage.Entry{}, false, ErrNoLeader
+	}
+	ctx, cancel := context.WithTimeout(ctx, c.cfg.ReadTimeout)
+	defer cancel()
+	var idx readIndexReply
+	if err := c.call(ctx, leader, http.MethodGet, ReadIndexPath, url.Values{"key": {key}}, nil, &idx); err != nil {
+		return storage.Entry{}, false, fmt.Errorf("read index from %s: %w", leader, err)
+	}
+	if err := c.admit(idx.Envelope); err != nil {
+		return storage.Entry{}, false, err
+	}
+	var want storage.Version
+	if idx.Version != "" {
+		v, err := storage.ParseVersion(idx.Version)
+		if err != nil {
+			return storage.Entry{}, false, fmt.Errorf("read index from %s: %w", leader, err)
+		}
+		want = v
+	}
+	for {
+		changed := c.cfg.Local.Changed()
+		e, found, err := c.cfg.Local.Lookup(key)
+		if err != nil {
+			return e, false, err
+		}
+		switch {
+		case !found && want.IsZero():
+			return e, false, nil
+		case found && e.Version == want:
+			return e, true, nil
+		case found && want.Less(e.Version) && e.Version.Epoch == idx.Epoch:
+			// A newer write of the same leader reached this replica after
+			// the read index: it is on two members already, so it stays.
+			return e, true, nil
+		case found && want.Less(e.Version):
+			return e, false, fmt.Errorf("%w: %q is at %s here, the leader has %q", ErrDiverged, key, e.Version, idx.Version)
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return e, false, fmt.Errorf("%w: this replica has not applied %s of %q yet", ErrReadTimeout, idx.Version, key)
+		}
+	}
+}
+
+// ReadStale returns this replica's entry for key without asking anyone,
+// and how long ago this node last heard from a leader.
+func (c *Cluster) ReadStale(key string) (storage.Entry, bool, time.Duration, error) {
+	e, found, err := c.cfg.Local.Lookup(key)
+	return e, found, c.LastContact(), err
+}

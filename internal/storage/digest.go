@@ -1,0 +1,157 @@
+package storage
+
+import (
+	"encoding/binary"
+	"fmt"
+	"slices"
+
+	"github.com/cespare/xxhash/v2"
+	bolt "go.etcd.io/bbolt"
+)
+
+// change is one key's move from version old (zero: absent) to new, noted
+// by the committer so digests follow every commit.
+type change struct {
+	key      string
+	old, new Version
+}
+
+// entryHash is what a (key, version) pair contributes to its partition's
+// digest. A version is assigned once, with one value, so two replicas
+// holding the same versions of the same keys hold the same data.
+func entryHash(key string, v Version) uint64 {
+	var b [16]byte
+	binary.BigEndian.PutUint64(b[0:8], v.Epoch)
+	binary.BigEndian.PutUint64(b[8:16], v.Seq)
+	d := xxhash.New()
+	_, _ = d.WriteString(key)
+	_, _ = d.Write(b[:])
+	return d.Sum64()
+}
+
+// loadDigests builds the partition digests from the file once, at Open;
+// commits keep them current after that.
+func (db *DB) loadDigests() error {
+	if db.opts.Partitions == 0 {
+		return nil
+	}
+	dig := make([]uint64, db.opts.Partitions)
+	err := db.bolt.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketKV).ForEach(func(k, raw []byte) error {
+			v, _, ok := recordVersion(raw)
+			if !ok {
+				return fmt.Errorf("%w: key %q", ErrCorrupt, k)
+			}
+			dig[db.partition(string(k))] ^= entryHash(string(k), v)
+			return nil
+		})
+	})
+	if err != nil {
+		return fmt.Errorf("build partition digests: %w", err)
+	}
+	db.digests = dig
+	return nil
+}
+
+func (db *DB) partition(key string) int {
+	p := db.opts.PartitionOf(key)
+	if p < 0 || p >= db.opts.Partitions {
+		// A partition function that disagrees with the count is a wiring
+		// bug; failing loudly beats silently wrong digests.
+		panic(fmt.Sprintf("storage: PartitionOf(%q) = %d, outside [0, %d)", key, p, db.opts.Partitions))
+	}
+	return p
+}
+
+// noteChanges folds a committed transaction's changes into the digests and
+// wakes everyone waiting in Changed.
+func (db *DB) noteChanges(changes []change) {
+	if len(changes) == 0 {
+		return
+	}
+	db.digMu.Lock()
+	if db.digests != nil {
+		for _, c := range changes {
+			p := db.partition(c.key)
+			if !c.old.IsZero() {
+				db.digests[p] ^= entryHash(c.key, c.old)
+			}
+			db.digests[p] ^= entryHash(c.key, c.new)
+		}
+	}
+	close(db.changed)
+	db.changed = make(chan struct{})
+	db.digMu.Unlock()
+}
+
+// Changed returns a channel that is closed by the next commit that changes
+// any key. Readers waiting for a version to arrive select on it instead of
+// polling.
+func (db *DB) Changed() <-chan struct{} {
+	db.digMu.Lock()
+	defer db.digMu.Unlock()
+	return db.changed
+}
+
+// Digests returns one digest per partition: the XOR of a hash of every
+// (key, version) stored in it, tombstones included. Two replicas of a
+// partition hold the same versions exactly when their digests match (up to
+// 64-bit hash collisions). Nil when Options.Partitions is 0.
+func (db *DB) Digests() []uint64 {
+	db.digMu.Lock()
+	defer db.digMu.Unlock()
+	return slices.Clone(db.digests)
+}
+
+// Lookup returns key's newest entry, tombstones included, and whether the
+// key has ever been written (and not forgotten). Replication compares
+// versions with it; clients use Get.
+func (db *DB) Lookup(key string) (e Entry, found bool, err error) {
+	err = db.bolt.View(func(tx *bolt.Tx) error {
+		raw := tx.Bucket(bucketKV).Get([]byte(key))
+		if raw == nil {
+			return nil
+		}
+		found = true
+		e, err = decodeRecord(key, raw)
+		return err
+	})
+	if err != nil {
+		return Entry{}, false, fmt.Errorf("storage: lookup: %w", err)
+	}
+	return e, found, nil
+}
+
+// PartitionEntries returns every entry, tombstones included, of the given
+// partitions, in key order. It reads the whole file once, so callers ask
+// for many partitions at a time rather than one by one.
+func (db *DB) PartitionEntries(parts []int) ([]Entry, error) {
+	if db.opts.Partitions == 0 {
+		return nil, fmt.Errorf("storage: partition entries: %w: the DB keeps no partitions", ErrInvalidMutation)
+	}
+	want := make([]bool, db.opts.Partitions)
+	for _, p := range parts {
+		if p < 0 || p >= len(want) {
+			return nil, fmt.Errorf("storage: partition entries: %w: partition %d outside [0, %d)", ErrInvalidMutation, p, len(want))
+		}
+		want[p] = true
+	}
+	var out []Entry
+	err := db.bolt.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketKV).ForEach(func(k, raw []byte) error {
+			if !want[db.partition(string(k))] {
+				return nil
+			}
+			e, err := decodeRecord(string(k), raw)
+			if err != nil {
+				return err
+			}
+			out = append(out, e)
+			return nil
+		})
+	})
+	if err != nil {
+		return nil, fmt.Errorf("storage: partition entries: %w", err)
+	}
+	return out, nil
+}
