@@ -297,12 +297,11 @@ func TestCluster_WritesToEveryNode_LandOnLeaderExactlyOnce(t *testing.T) {
 	if got, want := after.LastSeq-before.LastSeq, uint64(perNode*len(ids)); got != want {
 		t.Fatalf("leader applied %d writes, want exactly %d", got, want)
 	}
+	// Followers hold replicas now, but never assign versions of their own:
+	// their counters follow the leader's.
 	for _, id := range ids {
-		if id == leader {
-			continue
-		}
-		if st, _ := c.status(id); st.LastSeq != 0 {
-			t.Fatalf("follower %s applied %d writes itself", id, st.LastSeq)
+		if st, _ := c.status(id); st.LastSeq > after.LastSeq {
+			t.Fatalf("follower %s is at seq %d, beyond the leader's %d", id, st.LastSeq, after.LastSeq)
 		}
 	}
 	// Every key is readable through every node.
@@ -458,7 +457,7 @@ func longestGap(acks []ack, since time.Time) time.Duration {
 	return gap
 }
 
-func TestCluster_SIGKILLLeader_NewLeaderWithinLeasePlusRetry(t *testing.T) {
+func TestCluster_SIGKILLLeader_NewLeaderWithinLeasePlusRetry_AckedWritesReadable(t *testing.T) {
 	c := startCluster(t, 3)
 	leader := c.leader(30 * time.Second)
 	var survivors []string
@@ -492,6 +491,21 @@ func TestCluster_SIGKILLLeader_NewLeaderWithinLeasePlusRetry(t *testing.T) {
 			t.Fatalf("write %s, sent after the kill, acknowledged by the killed leader", a.key)
 		}
 	}
+	// Every acknowledged write, before and after the kill, is readable
+	// (consistency=strong) through the survivors.
+	client := &http.Client{Timeout: 10 * time.Second}
+	for i, a := range acks {
+		resp, err := client.Get("http://" + c.addr(survivors[i%2]) + "/v1/kv/" + a.key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if want := strings.TrimPrefix(a.key, "steady/"); resp.StatusCode != http.StatusOK || strings.TrimLeft(want, "0") != strings.TrimLeft(string(b), "0") {
+			t.Fatalf("acknowledged write %s (by %s) read via %s after the leader's SIGKILL: %d %s", a.key, a.leader, survivors[i%2], resp.StatusCode, b)
+		}
+	}
+	t.Logf("all %d acknowledged writes readable after the leader's SIGKILL", len(acks))
 }
 
 func TestCluster_SIGTERMLeader_HandsOverWithinAboutARetryPeriod(t *testing.T) {
@@ -695,6 +709,10 @@ func TestCluster_APIServerPaused_GateClosesCleanly_WritesResume(t *testing.T) {
 		}
 		return false
 	})
+	// Without a leader, stale reads are still served by every node, saying
+	// how long ago their replica heard from a leader; strong reads and
+	// tight max_stale bounds are refused with 503.
+	c.checkReadsWithoutLeader(t, "pause/0/0", "1")
 	// Keep the apiserver down past the renew deadline and past the time a
 	// node waits for a leader on a client's behalf (forwardTimeout), so
 	// clients are refused with 503, then bring it back.
@@ -741,6 +759,34 @@ func TestCluster_APIServerPaused_GateClosesCleanly_WritesResume(t *testing.T) {
 	if recovery > bound {
 		t.Fatalf("writes resumed %s after the apiserver, bound %s", recovery, bound)
 	}
+}
+
+// checkReadsWithoutLeader reads key (acknowledged as value before the
+// leader was lost) through every node.
+func (c *cluster) checkReadsWithoutLeader(t *testing.T, key, value string) {
+	t.Helper()
+	get := func(id, query string) (int, http.Header, string) {
+		resp, err := shortClient.Get("http://" + c.addr(id) + "/v1/kv/" + key + query)
+		if err != nil {
+			t.Fatalf("GET %s%s via %s: %v", key, query, id, err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, resp.Header, string(b)
+	}
+	for _, id := range c.ids() {
+		code, h, body := get(id, "?consistency=stale")
+		if code != http.StatusOK || body != value || h.Get("X-Store-Last-Contact") == "" {
+			t.Fatalf("stale read via %s without a leader: %d %q, last contact %q", id, code, body, h.Get("X-Store-Last-Contact"))
+		}
+		if code, _, body := get(id, ""); code != http.StatusServiceUnavailable {
+			t.Fatalf("strong read via %s without a leader: %d %s, want 503", id, code, body)
+		}
+	}
+	waitFor(t, 5*time.Second, "max_stale=300ms to refuse", func() bool {
+		code, _, body := get(c.ids()[0], "?consistency=stale&max_stale=300ms")
+		return code == http.StatusServiceUnavailable && strings.Contains(body, "too_stale")
+	})
 }
 
 // `kubectl port-forward svc/store` sends every request to one pod, which may

@@ -47,13 +47,17 @@ type config struct {
 	// debugListen serves net/http/pprof when set (off by default: it is
 	// an operator's tool, never on the client port).
 	debugListen string
-	// members are the identities of every node of the cluster (optional
-	// until replication needs them); today they are told when the leader
-	// releases the Lease, so a successor takes over at once.
+	// members are the identities of every node of the cluster: the ring
+	// places keys on them, a new leader catches up from them, and they are
+	// told when the leader changes. Required in cluster mode.
 	members []string
 	// peerToken is the cluster secret: from --peer-token-file, else the
 	// STORE_PEER_TOKEN variable (never a flag value, which ps would show).
 	peerToken string
+	// replicationFactor is R, the owners of each key.
+	replicationFactor int
+	// replicationTimeout bounds a write's wait for its ack level.
+	replicationTimeout time.Duration
 }
 
 // errUsage marks errors that are the operator's to fix (bad flag or env);
@@ -79,6 +83,9 @@ var envFor = map[string]string{
 	"peer-token-file":       "STORE_PEER_TOKEN_FILE",
 	"members":               "STORE_MEMBERS",
 	"debug-listen":          "STORE_DEBUG_LISTEN",
+	"shutdown-delay":        "STORE_SHUTDOWN_DELAY",
+	"replication-factor":    "STORE_REPLICATION_FACTOR",
+	"replication-timeout":   "STORE_REPLICATION_TIMEOUT",
 }
 
 // parseConfig reads flags from args and fallbacks from getenv, applies
@@ -110,6 +117,8 @@ func parseConfig(args []string, getenv func(string) string, hostname string, std
 	fs.StringVar(&c.debugListen, "debug-listen", "", "serve Go profiling (/debug/pprof/) on this `host:port`; off when empty (env STORE_DEBUG_LISTEN)")
 	fs.StringVar(&members, "members", "", "comma-separated identities of all nodes, e.g. store-0,store-1,store-2 (env STORE_MEMBERS)")
 	fs.StringVar(&tokenFile, "peer-token-file", "", "`file` holding the cluster token nodes present to each other; or set STORE_PEER_TOKEN (env STORE_PEER_TOKEN_FILE)")
+	fs.IntVar(&c.replicationFactor, "replication-factor", 2, "owners per key, R; ack=quorum waits for the leader and R/2 others (env STORE_REPLICATION_FACTOR)")
+	fs.DurationVar(&c.replicationTimeout, "replication-timeout", 5*time.Second, "how long a write waits for its ack level before answering 504 outcome_unknown (env STORE_REPLICATION_TIMEOUT)")
 	fs.StringVar(&c.peerTemplate, "peer-address-template", "{id}.store-peers.{namespace}.svc:8080", "host:port of a peer from its `template` with {id}, {namespace}, {ordinal} (env STORE_PEER_ADDRESS_TEMPLATE)")
 	if err := fs.Parse(args); err != nil {
 		return config{}, fmt.Errorf("%w: %w", errUsage, err)
@@ -166,6 +175,12 @@ func parseConfig(args []string, getenv func(string) string, hostname string, std
 	}
 	if len(c.members) > 0 && !slices.Contains(c.members, c.nodeID) {
 		return config{}, bad("members", "%q does not list this node (%s)", members, c.nodeID)
+	}
+	if c.replicationFactor < 1 || c.replicationFactor > 7 {
+		return config{}, bad("replication-factor", "%d must be from 1 to 7", c.replicationFactor)
+	}
+	if c.replicationTimeout <= 0 {
+		return config{}, bad("replication-timeout", "%s must be a positive duration such as 5s", c.replicationTimeout)
 	}
 	if c.shutdownDelay < 0 {
 		return config{}, bad("shutdown-delay", "%s must not be negative", c.shutdownDelay)

@@ -262,7 +262,7 @@ func TestStore_StartupErrors(t *testing.T) {
 			t.Fatalf("exit code %d, want 2", cmd.ProcessState.ExitCode())
 		}
 	})
-	t.Run("cluster mode without a peer token", func(t *testing.T) {
+	t.Run("cluster mode without members or a peer token", func(t *testing.T) {
 		kc := filepath.Join(t.TempDir(), "kubeconfig")
 		if err := os.WriteFile(kc, []byte(`apiVersion: v1
 kind: Config
@@ -273,11 +273,16 @@ current-context: c
 `), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		cmd := exec.Command(bin, "--listen", "127.0.0.1:0", "--data-dir", t.TempDir(), "--kubeconfig", kc, "--namespace", "ns")
-		cmd.Env = append(os.Environ(), "STORE_PEER_TOKEN=")
-		out, _ := cmd.CombinedOutput()
-		if cmd.ProcessState.ExitCode() != 2 || !strings.Contains(string(out), "STORE_PEER_TOKEN") {
-			t.Fatalf("exit %d, want 2 and a message naming STORE_PEER_TOKEN:\n%s", cmd.ProcessState.ExitCode(), out)
+		for _, tc := range []struct{ env, want string }{
+			{"STORE_PEER_TOKEN=", "--members (env STORE_MEMBERS) is required"},
+			{"STORE_MEMBERS=vm,b", "STORE_PEER_TOKEN"},
+		} {
+			cmd := exec.Command(bin, "--node-id", "vm", "--listen", "127.0.0.1:0", "--data-dir", t.TempDir(), "--kubeconfig", kc, "--namespace", "ns")
+			cmd.Env = append(os.Environ(), "STORE_PEER_TOKEN=", tc.env)
+			out, _ := cmd.CombinedOutput()
+			if cmd.ProcessState.ExitCode() != 2 || !strings.Contains(string(out), tc.want) {
+				t.Fatalf("%s: exit %d, want 2 and a message naming %q:\n%s", tc.env, cmd.ProcessState.ExitCode(), tc.want, out)
+			}
 		}
 	})
 	t.Run("data dir locked by a running store", func(t *testing.T) {

@@ -6,7 +6,12 @@
 // fsyncs before the response is sent.
 //
 // Without Kubernetes configuration the store runs as a single node on a
-// local bbolt file; leader election and replication build on this.
+// local bbolt file. With it, main adds election.Elector (the Lease) and
+// replication.Cluster: a write reaching a follower is forwarded to the
+// leader (api/forward.go), which commits it and replicates it to the key's
+// owners (replication.Cluster.Write); a read goes to an owner
+// (api/replicated.go), which confirms it with the leader for
+// consistency=strong (replication.Cluster.ReadStrong).
 package main
 
 import (
@@ -35,6 +40,7 @@ import (
 
 	"github.com/statefulkv/store/internal/api"
 	"github.com/statefulkv/store/internal/election"
+	"github.com/statefulkv/store/internal/replication"
 	"github.com/statefulkv/store/internal/storage"
 )
 
@@ -124,7 +130,23 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	db, err := storage.Open(cfg.dataDir, storage.Options{Registerer: reg})
+	// In cluster mode the store keeps one digest per ring partition, which
+	// replicas compare to find what differs.
+	storeOpts := storage.Options{Registerer: reg}
+	var ring *replication.Ring
+	if restCfg != nil {
+		if len(cfg.members) == 0 {
+			return fmt.Errorf("%w: --members (env STORE_MEMBERS) is required in cluster mode: list every node, e.g. store-0,store-1,store-2 (deploy/ sets it)", errUsage)
+		}
+		if ring, err = replication.NewRing(replication.RingConfig{}); err != nil {
+			return err
+		}
+		if err := ring.Set(cfg.members); err != nil {
+			return fmt.Errorf("%w: --members (env STORE_MEMBERS): %w", errUsage, err)
+		}
+		storeOpts.Partitions, storeOpts.PartitionOf = ring.PartitionCount(), ring.Partition
+	}
+	db, err := storage.Open(cfg.dataDir, storeOpts)
 	if err != nil {
 		return fmt.Errorf("open storage (--data-dir %s): %w", cfg.dataDir, err)
 	}
@@ -136,6 +158,7 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 
 	var (
 		elector  *election.Elector
+		cluster  *replication.Cluster
 		peerAddr func(string) (string, error)
 	)
 	if restCfg != nil {
@@ -179,6 +202,28 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 		if err != nil {
 			return err
 		}
+		cluster, err = replication.NewCluster(replication.ClusterConfig{
+			Self:              cfg.nodeID,
+			Members:           cfg.members,
+			ReplicationFactor: cfg.replicationFactor,
+			Ring:              ring,
+			Local:             db,
+			Leadership:        elector,
+			PeerAddr:          peerAddr,
+			Token:             cfg.peerToken,
+			Logger:            log,
+			Registerer:        reg,
+		})
+		if err != nil {
+			return fmt.Errorf("%w: %w", errUsage, err)
+		}
+		if len(cfg.members) < cfg.replicationFactor {
+			log.Warn("fewer members than the replication factor; every member owns every key and status reports the factor as not met",
+				"members", len(cfg.members), "replication_factor", cfg.replicationFactor)
+		}
+		// Stops the senders and loops before storage closes (defers run
+		// in reverse).
+		defer cluster.Close()
 	}
 
 	apiCfg := api.Config{
@@ -192,7 +237,10 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 	}
 	if elector != nil {
 		apiCfg.PeerToken = cfg.peerToken
-		apiCfg.Leadership = elector
+		// Writes wait for the new leader's catch-up, not just the Lease.
+		apiCfg.Leadership = caughtUpLeadership{elector, cluster}
+		apiCfg.Replication = cluster
+		apiCfg.ReplicationTimeout = cfg.replicationTimeout
 		apiCfg.PeerAddr = peerAddr
 		apiCfg.ForwardTimeout = forwardTimeout(cfg.leaseDuration, cfg.retryPeriod)
 	}
@@ -211,6 +259,7 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 		<-electionDone
 	}()
 	if elector != nil {
+		cluster.Start()
 		go func() {
 			defer close(electionDone)
 			if err := elector.Run(electionCtx); err != nil {
@@ -278,6 +327,15 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 	log.Info("shut down cleanly")
 	return nil
 }
+
+// caughtUpLeadership is the elector whose write gate also waits for
+// replication's catch-up of the term (replication.Cluster.WriteGate).
+type caughtUpLeadership struct {
+	*election.Elector
+	cluster *replication.Cluster
+}
+
+func (l caughtUpLeadership) WriteGate() (uint64, bool) { return l.cluster.WriteGate() }
 
 // serveDebug serves net/http/pprof on its own listener, apart from the API.
 func serveDebug(addr string, log *slog.Logger) (stop func(), err error) {

@@ -18,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/statefulkv/store/internal/replication"
 	"github.com/statefulkv/store/internal/storage"
 )
 
@@ -68,6 +69,13 @@ type Config struct {
 	// PeerToken is the shared cluster secret nodes present to each other;
 	// required with Leadership, at least 16 bytes.
 	PeerToken string
+	// Replication, with Leadership, replicates writes to their owners and
+	// serves reads from replicas (see replicated.go). Without it a cluster
+	// node keeps every key on the leader alone.
+	Replication Replication
+	// ReplicationTimeout bounds the wait for a write's ack level; past it
+	// the client gets 504 outcome_unknown. Default 5s.
+	ReplicationTimeout time.Duration
 }
 
 // DefaultMaxValueBytes is the default --max-value-bytes.
@@ -82,6 +90,8 @@ type Server struct {
 	metrics *httpMetrics
 	// forwarder carries requests to the leader (cluster mode only).
 	forwarder *retryablehttp.Client
+	// readClient carries reads to replicas (cluster mode only).
+	readClient *http.Client
 }
 
 // New validates cfg and builds the server. It starts not ready; call
@@ -108,6 +118,12 @@ func New(cfg Config) (*Server, error) {
 	if cfg.ForwardTimeout <= 0 {
 		cfg.ForwardTimeout = 30 * time.Second
 	}
+	if cfg.Replication != nil && cfg.Leadership == nil {
+		return nil, errors.New("api: Config.Replication needs Leadership")
+	}
+	if cfg.ReplicationTimeout <= 0 {
+		cfg.ReplicationTimeout = 5 * time.Second
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -123,6 +139,7 @@ func New(cfg Config) (*Server, error) {
 	s.handler = s.routes()
 	if cfg.Leadership != nil {
 		s.forwarder = s.newForwarder()
+		s.readClient = &http.Client{Transport: s.forwarder.HTTPClient.Transport}
 	}
 	return s, nil
 }
@@ -157,6 +174,13 @@ func (s *Server) routes() http.Handler {
 	if s.cfg.Leadership != nil {
 		r.Post(LeaseReleasedPath, s.leaseReleased)
 		r.Post(LeaderPath, s.leaderHint)
+	}
+	if s.cfg.Replication != nil {
+		peer := s.cfg.Replication.Handler()
+		r.Post(replication.ReplicatePath, peer.ServeHTTP)
+		r.Post(replication.DigestsPath, peer.ServeHTTP)
+		r.Post(replication.EntriesPath, peer.ServeHTTP)
+		r.Get(replication.ReadIndexPath, peer.ServeHTTP)
 	}
 
 	r.Get("/v1/kv", s.list)
@@ -201,6 +225,8 @@ type statusBody struct {
 	LastSeq   uint64 `json:"last_seq"`
 	DataBytes int64  `json:"data_bytes"`
 	Ready     bool   `json:"ready"`
+	// Replication is present in cluster mode.
+	Replication *replication.Status `json:"replication,omitempty"`
 }
 
 func (s *Server) status(w http.ResponseWriter, _ *http.Request) {
@@ -212,7 +238,7 @@ func (s *Server) status(w http.ResponseWriter, _ *http.Request) {
 			role = "leader"
 		}
 	}
-	writeJSON(w, http.StatusOK, statusBody{
+	body := statusBody{
 		Node:      s.cfg.NodeID,
 		Role:      role,
 		Leader:    leader,
@@ -221,7 +247,12 @@ func (s *Server) status(w http.ResponseWriter, _ *http.Request) {
 		LastSeq:   s.cfg.Store.LastSeq(),
 		DataBytes: s.cfg.Store.Size(),
 		Ready:     s.ready.Load(),
-	})
+	}
+	if s.cfg.Replication != nil {
+		st := s.cfg.Replication.Status()
+		body.Replication = &st
+	}
+	writeJSON(w, http.StatusOK, body)
 }
 
 func (s *Server) get(w http.ResponseWriter, r *http.Request) {
@@ -230,6 +261,17 @@ func (s *Server) get(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
+	opts, err := parseReadOptions(r)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	if s.cfg.Replication != nil {
+		s.replicatedGet(w, r, key, opts)
+		return
+	}
+	// A single node (and a cluster node without replication) answers both
+	// consistencies from the one copy, which is always current.
 	if !s.servesReads(w, r) {
 		return
 	}
@@ -372,6 +414,11 @@ func (s *Server) applyOrForward(w http.ResponseWriter, r *http.Request, m storag
 		s.writeError(w, r, err)
 		return storage.Result{}, false
 	}
+	// Checked here too so a follower refuses a bad ack= before forwarding.
+	if _, err := parseAck(r); err != nil {
+		s.writeError(w, r, err)
+		return storage.Result{}, false
+	}
 	if s.cfg.Leadership == nil {
 		res, err := s.cfg.Store.Apply(r.Context(), m)
 		if err != nil {
@@ -385,10 +432,18 @@ func (s *Server) applyOrForward(w http.ResponseWriter, r *http.Request, m storag
 		return storage.Result{}, false
 	}
 	m.Epoch = epoch
-	res, err := s.cfg.Store.Apply(r.Context(), m)
-	if err != nil {
-		s.writeError(w, r, notFoundKey(err, m.Key))
-		return res, false
+	var res storage.Result
+	if s.cfg.Replication != nil {
+		var ok bool
+		if res, ok = s.replicatedWrite(w, r, epoch, m); !ok {
+			return res, false
+		}
+	} else {
+		var err error
+		if res, err = s.cfg.Store.Apply(r.Context(), m); err != nil {
+			s.writeError(w, r, notFoundKey(err, m.Key))
+			return res, false
+		}
 	}
 	// The gate may have closed while the write was syncing. Acknowledging
 	// now could confirm a write a newer leader never sees, so the client is

@@ -114,8 +114,8 @@ type ClusterConfig struct {
 	// non-owners take a copy in place of owners that do not answer.
 	// Default 500ms.
 	StandInAfter time.Duration
-	Logger      *slog.Logger
-	Registerer  prometheus.Registerer
+	Logger       *slog.Logger
+	Registerer   prometheus.Registerer
 }
 
 // Cluster is one node's part in replication: as leader it replicates each
@@ -124,7 +124,7 @@ type ClusterConfig struct {
 // what the leader sends, serves reads, and repairs its partitions against
 // the leader's. See DESIGN.md for why each piece is there.
 //
-// Safe for concurrent use. Run drives the background loops; Close stops
+// Safe for concurrent use. Start runs the background loops; Close stops
 // them.
 type Cluster struct {
 	cfg    ClusterConfig
@@ -159,7 +159,7 @@ type memberHealth struct {
 }
 
 // NewCluster validates cfg, places Members on the ring and returns a
-// Cluster whose loops are not running yet (see Run).
+// Cluster whose loops are not running yet (see Start).
 func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 	switch {
 	case cfg.Self == "" || cfg.Ring == nil || cfg.Local == nil || cfg.Leadership == nil || cfg.PeerAddr == nil:
@@ -229,26 +229,15 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 	return c, nil
 }
 
-// Run drives the heartbeat (leader) and repair (follower) loops until ctx
-// ends or Close is called.
-func (c *Cluster) Run(ctx context.Context) {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	go func() {
-		select {
-		case <-c.ctx.Done():
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
-	var wg sync.WaitGroup
-	wg.Go(func() { c.heartbeatLoop(ctx) })
-	wg.Go(func() { c.repairLoop(ctx) })
-	wg.Wait()
+// Start runs the heartbeat (leader) and repair (follower) loops until
+// Close.
+func (c *Cluster) Start() {
+	c.wg.Go(func() { c.heartbeatLoop(c.ctx) })
+	c.wg.Go(func() { c.repairLoop(c.ctx) })
 }
 
-// Close stops the loops, the catch-up and the senders. Writes waiting for
-// replicas fail with ErrAckTimeout.
+// Close stops the loops, the catch-up and the senders, and waits for them.
+// Writes waiting for replicas fail with ErrAckTimeout.
 func (c *Cluster) Close() {
 	c.cancel()
 	c.wg.Wait()

@@ -110,12 +110,8 @@ func newTestCluster(t *testing.T, n, r int) []*testNode {
 		mu.Lock()
 		addrs[id] = strings.TrimPrefix(hs.URL, "http://")
 		mu.Unlock()
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan struct{})
-		go func() { defer close(done); nd.c.Run(ctx) }()
+		nd.c.Start()
 		t.Cleanup(func() {
-			cancel()
-			<-done
 			nd.c.Close()
 			hs.Close()
 			_ = db.Close()
