@@ -5,7 +5,7 @@ GO ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: all build run test unit controlplane cluster cluster-down image fuzz bench bench-failover bench-compare vet clean
+.PHONY: all build run test unit chaos controlplane cluster cluster-down image fuzz bench bench-failover bench-compare vet clean
 
 all: build
 
@@ -47,6 +47,12 @@ test: controlplane vet
 # Fast loop while editing: no control plane, no race detector.
 unit:
 	$(GO) test -count=1 ./internal/storage ./internal/api ./cmd/store
+
+# The linearizability test (porcupine) for CHAOS_DURATION (default 3m)
+# instead of make test's 12 s: rounds of leader SIGKILL + follower SIGSTOP
+# under concurrent strong reads and writes.
+chaos: controlplane
+	set -o pipefail; CHAOS_DURATION=$${CHAOS_DURATION:-3m} $(GO) test -race -count=1 -timeout 60m -run TestLinearizable -v ./cmd/store | grep -E '^(---|ok|FAIL|\s+\S+_test.go)'
 
 fuzz:
 	$(GO) test -run='^$$' -fuzz=FuzzDB_MatchesMapModel -fuzztime=$${FUZZTIME:-60s} ./internal/storage
