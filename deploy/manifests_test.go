@@ -66,6 +66,9 @@ func TestManifests_ServerSideDryRunAndRBAC(t *testing.T) {
 		{"list", "secrets", false},
 		{"list", "pods", false},
 		{"create", "pods", false},
+		{"get", "statefulsets.apps/store", true},
+		{"get", "statefulsets.apps/other", false},
+		{"list", "statefulsets.apps", false},
 		{"update", "statefulsets.apps", false},
 	}
 	for _, tt := range tests {

@@ -44,6 +44,9 @@ type cluster struct {
 	nodes      map[string]*proc // by id: store-1 .. store-N
 	dirs       map[string]string
 	extraArgs  []string
+	// statefulSet, when set, makes the nodes learn their members from that
+	// StatefulSet (--statefulset) instead of --members.
+	statefulSet string
 }
 
 func startCluster(t *testing.T, n int, extraArgs ...string) *cluster {
@@ -76,7 +79,8 @@ func (c *cluster) serviceAccountKubeconfig() string {
 		"system:serviceaccounts", "system:serviceaccounts:"+testNS)
 }
 
-// freePort finds a port free on 127.0.0.1..n.
+// freePort finds a port free on 127.0.0.0..n (store-0 of a StatefulSet
+// lives on 127.0.0.0, which Linux binds like any loopback address).
 func freePort(t *testing.T, n int) int {
 	t.Helper()
 	for range 50 {
@@ -87,7 +91,10 @@ func freePort(t *testing.T, n int) int {
 		port := ln.Addr().(*net.TCPAddr).Port
 		_ = ln.Close()
 		ok := true
-		for i := 2; i <= n; i++ {
+		for i := 0; i <= n; i++ {
+			if i == 1 {
+				continue
+			}
 			l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.%d:%d", i, port))
 			if err != nil {
 				ok = false
@@ -121,19 +128,28 @@ func (c *cluster) start(id string) *proc {
 		"--retry-period", testRetry.String(),
 		"--peer-address-template", fmt.Sprintf("127.0.0.{ordinal}:%d", c.port),
 		"--peer-token-file", c.tokenFile,
-		"--members", strings.Join(c.memberIDs, ","),
 	}, c.extraArgs...)
+	if c.statefulSet != "" {
+		args = append(args, "--statefulset", c.statefulSet)
+	} else {
+		args = append(args, "--members", strings.Join(c.memberIDs, ","))
+	}
 	p := startStore(c.t, args...)
 	c.nodes[id] = p
 	return p
 }
 
 type nodeStatus struct {
-	Node    string `json:"node"`
-	Role    string `json:"role"`
-	Leader  string `json:"leader"`
-	Epoch   uint64 `json:"epoch"`
-	LastSeq uint64 `json:"last_seq"`
+	Node        string `json:"node"`
+	Role        string `json:"role"`
+	Leader      string `json:"leader"`
+	Epoch       uint64 `json:"epoch"`
+	LastSeq     uint64 `json:"last_seq"`
+	Replication struct {
+		Members []struct {
+			ID string `json:"id"`
+		} `json:"members"`
+	} `json:"replication"`
 }
 
 var shortClient = &http.Client{Timeout: 2 * time.Second}

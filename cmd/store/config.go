@@ -49,8 +49,11 @@ type config struct {
 	debugListen string
 	// members are the identities of every node of the cluster: the ring
 	// places keys on them, a new leader catches up from them, and they are
-	// told when the leader changes. Required in cluster mode.
+	// told when the leader changes. In cluster mode they come from here
+	// (fixed) or from statefulSet (followed as it scales).
 	members []string
+	// statefulSet names the StatefulSet whose pods are the members.
+	statefulSet string
 	// peerToken is the cluster secret: from --peer-token-file, else the
 	// STORE_PEER_TOKEN variable (never a flag value, which ps would show).
 	peerToken string
@@ -82,6 +85,7 @@ var envFor = map[string]string{
 	"peer-address-template": "STORE_PEER_ADDRESS_TEMPLATE",
 	"peer-token-file":       "STORE_PEER_TOKEN_FILE",
 	"members":               "STORE_MEMBERS",
+	"statefulset":           "STORE_STATEFULSET",
 	"debug-listen":          "STORE_DEBUG_LISTEN",
 	"shutdown-delay":        "STORE_SHUTDOWN_DELAY",
 	"replication-factor":    "STORE_REPLICATION_FACTOR",
@@ -115,7 +119,8 @@ func parseConfig(args []string, getenv func(string) string, hostname string, std
 	fs.DurationVar(&c.retryPeriod, "retry-period", 2*time.Second, "interval between Lease attempts (env STORE_RETRY_PERIOD)")
 	var tokenFile, members string
 	fs.StringVar(&c.debugListen, "debug-listen", "", "serve Go profiling (/debug/pprof/) on this `host:port`; off when empty (env STORE_DEBUG_LISTEN)")
-	fs.StringVar(&members, "members", "", "comma-separated identities of all nodes, e.g. store-0,store-1,store-2 (env STORE_MEMBERS)")
+	fs.StringVar(&members, "members", "", "fixed member set: comma-separated identities of all nodes, e.g. store-1,store-2,store-3; for clusters outside a StatefulSet (env STORE_MEMBERS)")
+	fs.StringVar(&c.statefulSet, "statefulset", "", "`name` of the StatefulSet whose pods <name>-0..<name>-(replicas-1) are the members, followed as it scales (env STORE_STATEFULSET)")
 	fs.StringVar(&tokenFile, "peer-token-file", "", "`file` holding the cluster token nodes present to each other; or set STORE_PEER_TOKEN (env STORE_PEER_TOKEN_FILE)")
 	fs.IntVar(&c.replicationFactor, "replication-factor", 2, "owners per key, R; ack=quorum waits for the leader and R/2 others (env STORE_REPLICATION_FACTOR)")
 	fs.DurationVar(&c.replicationTimeout, "replication-timeout", 5*time.Second, "how long a write waits for its ack level before answering 504 outcome_unknown (env STORE_REPLICATION_TIMEOUT)")
@@ -175,6 +180,9 @@ func parseConfig(args []string, getenv func(string) string, hostname string, std
 	}
 	if len(c.members) > 0 && !slices.Contains(c.members, c.nodeID) {
 		return config{}, bad("members", "%q does not list this node (%s)", members, c.nodeID)
+	}
+	if len(c.members) > 0 && c.statefulSet != "" {
+		return config{}, bad("members", "set either --members or --statefulset (env STORE_STATEFULSET), not both")
 	}
 	if c.replicationFactor < 1 || c.replicationFactor > 7 {
 		return config{}, bad("replication-factor", "%d must be from 1 to 7", c.replicationFactor)

@@ -274,7 +274,7 @@ current-context: c
 			t.Fatal(err)
 		}
 		for _, tc := range []struct{ env, want string }{
-			{"STORE_PEER_TOKEN=", "--members (env STORE_MEMBERS) is required"},
+			{"STORE_PEER_TOKEN=", "needs its member set: --statefulset (env STORE_STATEFULSET"},
 			{"STORE_MEMBERS=vm,b", "STORE_PEER_TOKEN"},
 		} {
 			cmd := exec.Command(bin, "--node-id", "vm", "--listen", "127.0.0.1:0", "--data-dir", t.TempDir(), "--kubeconfig", kc, "--namespace", "ns")

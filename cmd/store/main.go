@@ -27,6 +27,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -34,12 +35,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/klog/v2"
 
 	"github.com/statefulkv/store/internal/api"
 	"github.com/statefulkv/store/internal/election"
+	"github.com/statefulkv/store/internal/membership"
 	"github.com/statefulkv/store/internal/replication"
 	"github.com/statefulkv/store/internal/storage"
 )
@@ -133,16 +136,33 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 	// In cluster mode the store keeps one digest per ring partition, which
 	// replicas compare to find what differs.
 	storeOpts := storage.Options{Registerer: reg}
-	var ring *replication.Ring
+	var (
+		ring   *replication.Ring
+		client kubernetes.Interface
+	)
 	if restCfg != nil {
-		if len(cfg.members) == 0 {
-			return fmt.Errorf("%w: --members (env STORE_MEMBERS) is required in cluster mode: list every node, e.g. store-0,store-1,store-2 (deploy/ sets it)", errUsage)
+		if cfg.namespace == "" {
+			// In a pod the service account token's folder names the namespace.
+			if b, err := os.ReadFile("/var/run/secrets/kubernetes.io/serviceaccount/namespace"); err == nil {
+				cfg.namespace = strings.TrimSpace(string(b))
+			}
+		}
+		klog.SetSlogLogger(log.With("component", "client-go"))
+		if client, err = election.NewClient(restCfg, cfg.renewDeadline); err != nil {
+			return fmt.Errorf("kubernetes client: %w", err)
+		}
+		if cfg.members, err = clusterMembers(ctx, cfg, client); err != nil {
+			return err
+		}
+		if !slices.Contains(cfg.members, cfg.nodeID) {
+			log.Warn("this node is not in the member set: it owns no keys (a pod being scaled away, or --node-id does not match the member names)",
+				"node", cfg.nodeID, "members", cfg.members)
 		}
 		if ring, err = replication.NewRing(replication.RingConfig{}); err != nil {
 			return err
 		}
 		if err := ring.Set(cfg.members); err != nil {
-			return fmt.Errorf("%w: --members (env STORE_MEMBERS): %w", errUsage, err)
+			return fmt.Errorf("%w: member set %v: %w", errUsage, cfg.members, err)
 		}
 		storeOpts.Partitions, storeOpts.PartitionOf = ring.PartitionCount(), ring.Partition
 	}
@@ -162,23 +182,12 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 		peerAddr func(string) (string, error)
 	)
 	if restCfg != nil {
-		if cfg.namespace == "" {
-			// In a pod the service account token's folder names the namespace.
-			if b, err := os.ReadFile("/var/run/secrets/kubernetes.io/serviceaccount/namespace"); err == nil {
-				cfg.namespace = strings.TrimSpace(string(b))
-			}
-		}
 		if len(cfg.peerToken) < 16 {
 			return fmt.Errorf("%w: cluster mode needs the peer token, at least 16 bytes: set STORE_PEER_TOKEN (deploy/ fills it from the Secret store-peer-token) or --peer-token-file", errUsage)
 		}
 		peerAddr, err = api.PeerAddrFromTemplate(cfg.peerTemplate, cfg.namespace)
 		if err != nil {
 			return fmt.Errorf("%w: --peer-address-template (env STORE_PEER_ADDRESS_TEMPLATE): %w", errUsage, err)
-		}
-		klog.SetSlogLogger(log.With("component", "client-go"))
-		client, err := election.NewClient(restCfg, cfg.renewDeadline)
-		if err != nil {
-			return fmt.Errorf("kubernetes client: %w", err)
 		}
 		elector, err = election.New(election.Config{
 			Client:        client,
@@ -196,7 +205,7 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 			OnElected: func(epoch uint64) {
 				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 				defer cancel()
-				api.NotifyLeader(ctx, cfg.nodeID, epoch, cfg.members, peerAddr, cfg.peerToken)
+				api.NotifyLeader(ctx, cfg.nodeID, epoch, cluster.Members(), peerAddr, cfg.peerToken)
 			},
 		})
 		if err != nil {
@@ -224,6 +233,15 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 		// Stops the senders and loops before storage closes (defers run
 		// in reverse).
 		defer cluster.Close()
+		if cfg.statefulSet != "" {
+			followCtx, stopFollow := context.WithCancel(context.Background())
+			defer stopFollow()
+			go membership.Follow(followCtx, client, cfg.namespace, cfg.statefulSet, 2*time.Second, cfg.members, func(m []string) {
+				if err := cluster.SetMembers(m); err != nil {
+					log.Error("member set refused; keeping the old one", "members", m, "err", err)
+				}
+			}, log)
+		}
 	}
 
 	apiCfg := api.Config{
@@ -313,19 +331,48 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 		_ = httpSrv.Close()
 	}
 	if elector != nil {
-		// No write is in flight any more: close the gate for good, release
-		// the Lease, and tell the other members so one takes over at once
-		// instead of at its next retry period.
+		// No write is in flight any more. A leader first brings the other
+		// members level with its data, so its successor finds every write
+		// it accepted (even if this pod is being scaled away); then it
+		// closes the gate for good, releases the Lease, and tells the other
+		// members so one takes over at once instead of at its next retry
+		// period.
+		handCtx, cancelHand := context.WithTimeout(context.Background(), handOffTimeout)
+		if err := cluster.HandOff(handCtx); err != nil {
+			log.Warn("hand-off incomplete; the successor's catch-up covers acknowledged writes", "err", err)
+		}
+		cancelHand()
 		elector.Stop()
 		cancelElection()
 		<-electionDone
 		notifyCtx, cancelNotify := context.WithTimeout(context.Background(), 2*time.Second)
-		api.NotifyLeaseReleased(notifyCtx, cfg.nodeID, cfg.members, apiCfg.PeerAddr, cfg.peerToken)
+		api.NotifyLeaseReleased(notifyCtx, cfg.nodeID, cluster.Members(), apiCfg.PeerAddr, cfg.peerToken)
 		cancelNotify()
 		log.Info("left the election (the Lease is released if this node held it)")
 	}
 	log.Info("shut down cleanly")
 	return nil
+}
+
+// handOffTimeout bounds a leaving leader's push to the other members.
+const handOffTimeout = 5 * time.Second
+
+// clusterMembers is the member set at start: --members, or the pods of
+// --statefulset.
+func clusterMembers(ctx context.Context, cfg config, client kubernetes.Interface) ([]string, error) {
+	switch {
+	case len(cfg.members) > 0:
+		return cfg.members, nil
+	case cfg.statefulSet != "":
+		gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		members, err := membership.Members(gctx, client, cfg.namespace, cfg.statefulSet)
+		if err != nil {
+			return nil, fmt.Errorf("--statefulset (env STORE_STATEFULSET) %s: %w", cfg.statefulSet, err)
+		}
+		return members, nil
+	}
+	return nil, fmt.Errorf("%w: cluster mode needs its member set: --statefulset (env STORE_STATEFULSET; deploy/ sets it) or --members (env STORE_MEMBERS), e.g. store-1,store-2,store-3", errUsage)
 }
 
 // caughtUpLeadership is the elector whose write gate also waits for

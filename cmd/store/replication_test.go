@@ -1,9 +1,13 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -11,6 +15,11 @@ import (
 	"testing"
 	"time"
 
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/statefulkv/store/internal/kubetest"
 	"github.com/statefulkv/store/internal/replication"
 )
 
@@ -195,4 +204,204 @@ func TestReplication_10kKeys_OnTheirOwners_OwnerKilled_Converges(t *testing.T) {
 		return len(lagging) == 0
 	})
 	t.Logf("%s converged on %d owned keys %s after restart (bound %s)", victim, len(owned), time.Since(restarted).Round(time.Millisecond), convergeBound)
+}
+
+// startStatefulSetCluster creates the StatefulSet "store" (no controller
+// runs, so it only carries spec.replicas) and starts its pods store-0 ..
+// store-(replicas-1) as processes on 127.0.0.<ordinal>, following it.
+func startStatefulSetCluster(t *testing.T, replicas, maxReplicas int) *cluster {
+	t.Helper()
+	cp := kubetest.Start(t)
+	c := &cluster{t: t, cp: cp, nodes: map[string]*proc{}, dirs: map[string]string{}, statefulSet: "store"}
+	if err := cp.ApplyRBAC(context.Background(), testNS); err != nil {
+		t.Fatal(err)
+	}
+	n := int32(replicas)
+	labels := map[string]string{"app.kubernetes.io/name": "store"}
+	sts := &appsv1.StatefulSet{
+		ObjectMeta: metav1.ObjectMeta{Name: "store", Namespace: testNS},
+		Spec: appsv1.StatefulSetSpec{
+			Replicas:    &n,
+			ServiceName: "store-peers",
+			Selector:    &metav1.LabelSelector{MatchLabels: labels},
+			Template: corev1.PodTemplateSpec{
+				ObjectMeta: metav1.ObjectMeta{Labels: labels},
+				Spec:       corev1.PodSpec{Containers: []corev1.Container{{Name: "store", Image: "statefulkv/store"}}},
+			},
+		},
+	}
+	if _, err := cp.Client.AppsV1().StatefulSets(testNS).Create(context.Background(), sts, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	c.kubeconfig = c.serviceAccountKubeconfig()
+	c.tokenFile = filepath.Join(t.TempDir(), "peer-token")
+	if err := os.WriteFile(c.tokenFile, []byte(testToken+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c.port = freePort(t, maxReplicas-1)
+	for i := range maxReplicas {
+		c.memberIDs = append(c.memberIDs, fmt.Sprintf("store-%d", i))
+	}
+	for _, id := range c.memberIDs[:replicas] {
+		c.dirs[id] = t.TempDir()
+		c.start(id)
+	}
+	return c
+}
+
+// scale sets the StatefulSet's replicas, as `kubectl scale` does.
+func (c *cluster) scale(replicas int) {
+	c.t.Helper()
+	ctx := context.Background()
+	sts, err := c.cp.Client.AppsV1().StatefulSets(testNS).Get(ctx, "store", metav1.GetOptions{})
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	n := int32(replicas)
+	sts.Spec.Replicas = &n
+	if _, err := c.cp.Client.AppsV1().StatefulSets(testNS).Update(ctx, sts, metav1.UpdateOptions{}); err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+// awaitMembers waits until every given node reports exactly want as its
+// member set.
+func (c *cluster) awaitMembers(want []string, ids ...string) {
+	c.t.Helper()
+	waitFor(c.t, 10*time.Second, fmt.Sprintf("nodes %v to see members %v", ids, want), func() bool {
+		for _, id := range ids {
+			st, err := c.status(id)
+			if err != nil || len(st.Replication.Members) != len(want) {
+				return false
+			}
+			for i, m := range st.Replication.Members {
+				if m.ID != want[i] {
+					return false
+				}
+			}
+		}
+		return true
+	})
+}
+
+// awaitOnOwners waits until every key sits on each of its owners under
+// ring at the version in want.
+func (c *cluster) awaitOnOwners(client *http.Client, ring *replication.Ring, want map[string]string, bound time.Duration) {
+	c.t.Helper()
+	keys := make([]string, 0, len(want))
+	for k := range want {
+		keys = append(keys, k)
+	}
+	var missing []string
+	start := time.Now()
+	waitFor(c.t, bound, "keys on their new owners", func() bool {
+		var mu sync.Mutex
+		missing = missing[:0]
+		parallel(len(keys), 16, func(i int) {
+			owners, _ := ring.Owners(keys[i], 2)
+			for _, o := range owners {
+				if got, err := c.local(client, o, keys[i]); err != nil || got.version != want[keys[i]] {
+					mu.Lock()
+					missing = append(missing, keys[i]+"@"+o)
+					mu.Unlock()
+				}
+			}
+		})
+		return len(missing) == 0
+	})
+	c.t.Logf("%d keys on their owners %s after the ring changed", len(keys), time.Since(start).Round(time.Millisecond))
+}
+
+func TestReplication_Scale3To5To3_UnderWrites_NothingLost_DataOnNewOwners(t *testing.T) {
+	c := startStatefulSetCluster(t, 3, 5)
+	leader := c.leader(30 * time.Second)
+	base := []string{"store-0", "store-1", "store-2"}
+	c.awaitLeaderKnown(leader, base...)
+	client := &http.Client{Timeout: 30 * time.Second}
+
+	// Writers keep going through the three pods that stay.
+	var (
+		mu    sync.Mutex
+		acked = map[string]string{} // key → version
+		stop  = make(chan struct{})
+		wg    sync.WaitGroup
+	)
+	for w := range 4 {
+		wg.Go(func() {
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				key := fmt.Sprintf("scale/%d/%05d", w, i)
+				code, v, err := c.putAck(client, base[(w+i)%3], key, fmt.Sprintf(`{"w":%d,"i":%d}`, w, i), "quorum")
+				if err == nil && code/100 == 2 {
+					mu.Lock()
+					acked[key] = v
+					mu.Unlock()
+				} else {
+					time.Sleep(20 * time.Millisecond)
+				}
+			}
+		})
+	}
+	snapshot := func() map[string]string {
+		mu.Lock()
+		defer mu.Unlock()
+		return maps.Clone(acked)
+	}
+	waitFor(t, 30*time.Second, "writes before scaling", func() bool { return len(snapshot()) >= 300 })
+
+	// 3 → 5: the new pods start, the StatefulSet says 5, every node moves
+	// to the 5-member ring, and the keys written so far reach their new
+	// owners.
+	for _, id := range c.memberIDs[3:] {
+		c.dirs[id] = t.TempDir()
+		c.start(id)
+	}
+	c.scale(5)
+	c.awaitMembers(c.memberIDs, c.memberIDs...)
+	five := c.ring(t) // memberIDs is now all five
+	c.awaitOnOwners(client, five, snapshot(), convergeBound)
+
+	// 5 → 3: the StatefulSet says 3, the nodes shrink the ring, and the
+	// two pods are stopped as the controller would (SIGTERM).
+	c.scale(3)
+	c.awaitMembers(base, c.memberIDs...)
+	for _, id := range c.memberIDs[3:] {
+		if err := c.nodes[id].cmd.Process.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		<-c.nodes[id].done
+		delete(c.nodes, id)
+	}
+	c.memberIDs = base
+	n := len(snapshot())
+	waitFor(t, 30*time.Second, "writes after scaling down", func() bool { return len(snapshot()) >= n+200 })
+	close(stop)
+	wg.Wait()
+
+	// Nothing acknowledged was lost, and every key sits on its owners in
+	// the 3-member ring.
+	final := snapshot()
+	var lost []string
+	var lmu sync.Mutex
+	keys := slices.Collect(maps.Keys(final))
+	parallel(len(keys), 16, func(i int) {
+		resp, err := client.Get("http://" + c.addr(base[i%3]) + "/v1/kv/" + keys[i])
+		if err == nil {
+			resp.Body.Close()
+		}
+		if err != nil || resp.StatusCode != http.StatusOK || strings.Trim(resp.Header.Get("ETag"), `"`) != final[keys[i]] {
+			lmu.Lock()
+			lost = append(lost, keys[i])
+			lmu.Unlock()
+		}
+	})
+	if len(lost) > 0 {
+		t.Fatalf("%d of %d acknowledged writes not readable after 3→5→3, e.g. %v", len(lost), len(final), lost[:min(5, len(lost))])
+	}
+	c.awaitOnOwners(client, c.ring(t), final, convergeBound)
+	t.Logf("%d acknowledged writes across 3→5→3, all readable and on their owners", len(final))
 }

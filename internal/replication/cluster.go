@@ -88,7 +88,9 @@ type Local interface {
 
 // ClusterConfig configures a Cluster. Fields without a default are required.
 type ClusterConfig struct {
-	// Self is this node's identity; Members lists every node's, Self included.
+	// Self is this node's identity; Members lists every node's at start
+	// (SetMembers changes it). A node outside the member set owns nothing:
+	// it is being scaled away.
 	Self    string
 	Members []string
 	// ReplicationFactor is R, the owners per key. Default 2.
@@ -164,8 +166,6 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 	switch {
 	case cfg.Self == "" || cfg.Ring == nil || cfg.Local == nil || cfg.Leadership == nil || cfg.PeerAddr == nil:
 		return nil, errors.New("replication: ClusterConfig needs Self, Ring, Local, Leadership and PeerAddr")
-	case !slices.Contains(cfg.Members, cfg.Self):
-		return nil, fmt.Errorf("replication: members %v do not include this node %q", cfg.Members, cfg.Self)
 	}
 	if cfg.ReplicationFactor == 0 {
 		cfg.ReplicationFactor = 2
@@ -176,7 +176,7 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 	if err := cfg.Ring.Set(cfg.Members); err != nil {
 		return nil, err
 	}
-	cfg.Members = cfg.Ring.Members()
+	cfg.Members = nil // the ring holds the current members (SetMembers)
 	if cfg.HeartbeatInterval <= 0 {
 		cfg.HeartbeatInterval = 500 * time.Millisecond
 	}
@@ -266,6 +266,27 @@ func (c *Cluster) WriteGate() (epoch uint64, open bool) {
 	return e, false
 }
 
+// members returns the current member set, sorted.
+func (c *Cluster) members() []string { return c.cfg.Ring.Members() }
+
+// Members returns the current member set, sorted.
+func (c *Cluster) Members() []string { return c.members() }
+
+// SetMembers changes the member set (a StatefulSet was scaled). Keys move
+// to their new owners by repair: each follower pulls the partitions it now
+// owns from the leader, which holds every key. Old owners keep their
+// copies; nothing is dropped.
+func (c *Cluster) SetMembers(members []string) error {
+	old := c.members()
+	if err := c.cfg.Ring.Set(members); err != nil {
+		return err
+	}
+	if now := c.members(); !slices.Equal(old, now) {
+		c.log.Info("members changed; partitions move to their new owners by repair", "from", old, "to", now, "member", slices.Contains(now, c.cfg.Self))
+	}
+	return nil
+}
+
 // Owners returns the key's owners, primary first.
 func (c *Cluster) Owners(key string) []string {
 	owners, err := c.cfg.Ring.Owners(key, c.cfg.ReplicationFactor)
@@ -333,7 +354,7 @@ func (c *Cluster) Write(ctx context.Context, epoch uint64, ack AckLevel, key str
 // key, in ring order, skipping those in except.
 func (c *Cluster) standIns(key string, except []string) []string {
 	owners := c.Owners(key)
-	all, _ := c.cfg.Ring.Owners(key, len(c.cfg.Members))
+	all, _ := c.cfg.Ring.Owners(key, len(c.members()))
 	var out []string
 	for _, m := range all {
 		if m != c.cfg.Self && !slices.Contains(owners, m) && !slices.Contains(except, m) && !c.down(m) {

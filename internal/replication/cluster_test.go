@@ -267,3 +267,40 @@ func TestCluster_NewLeaderCatchesUpBeforeWriting(t *testing.T) {
 		t.Fatal("a batch of the old term was applied after the new leader caught up")
 	}
 }
+
+// A leader leaving (shutdown, scale-down) pushes what members lack, so
+// even an ack=leader write survives it.
+func TestCluster_HandOff_BringsMembersLevel(t *testing.T) {
+	nodes := newTestCluster(t, 3, 2)
+	leader := nodes[0]
+	awaitGate(t, leader)
+	for _, nd := range nodes[1:] {
+		nd.down.Store(true)
+	}
+	var keys []string
+	for i := range 30 {
+		key := fmt.Sprintf("h%d", i)
+		put(t, leader, AckLeader, key, fmt.Sprint(i))
+		keys = append(keys, key)
+	}
+	// Neither the followers' repair nor the leader's queues may fix them:
+	// only the hand-off.
+	leader.c.repl.Close()
+	for _, nd := range nodes[1:] {
+		nd.c.cancel()
+		nd.down.Store(false)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := leader.c.HandOff(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, key := range keys {
+		want, _, _ := leader.db.Lookup(key)
+		for _, o := range leader.c.Owners(key) {
+			if got, found, _ := byID(nodes, o).db.Lookup(key); !found || got.Version != want.Version {
+				t.Fatalf("after hand-off owner %s has %s at %+v (found %v), want %s", o, key, got.Version, found, want.Version)
+			}
+		}
+	}
+}

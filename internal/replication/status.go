@@ -39,7 +39,7 @@ type MemberStatus struct {
 func (c *Cluster) Status() Status {
 	st := Status{
 		ReplicationFactor: c.cfg.ReplicationFactor,
-		FactorMet:         len(c.cfg.Members) >= c.cfg.ReplicationFactor,
+		FactorMet:         len(c.members()) >= c.cfg.ReplicationFactor,
 		CaughtUpEpoch:     c.caughtUp.Load(),
 		LastContactMs:     min(c.LastContact(), 365*24*time.Hour).Milliseconds(),
 		Behind:            c.repl.Behind(),
@@ -50,7 +50,7 @@ func (c *Cluster) Status() Status {
 	}
 	parts := c.partitionsPerMember()
 	queued := c.repl.Queued()
-	for _, id := range c.cfg.Members {
+	for _, id := range c.members() {
 		st.Members = append(st.Members, MemberStatus{ID: id, Live: id == c.cfg.Self || !c.down(id), Partitions: parts[id], Queued: queued[id]})
 	}
 	slices.Sort(st.Behind)
@@ -112,7 +112,7 @@ func newClusterMetrics(reg prometheus.Registerer, c *Cluster) *clusterMetrics {
 			Name: "store_replication_factor_met",
 			Help: "1 when there are at least as many members as the replication factor.",
 		}, func() float64 {
-			if len(c.cfg.Members) >= c.cfg.ReplicationFactor {
+			if len(c.members()) >= c.cfg.ReplicationFactor {
 				return 1
 			}
 			return 0

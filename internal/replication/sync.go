@@ -84,10 +84,8 @@ func (c *Cluster) catchUpOnce(ctx context.Context, epoch uint64) (int, error) {
 		answers []answer
 		wg      sync.WaitGroup
 	)
-	for _, id := range c.cfg.Members {
-		if id == c.cfg.Self {
-			continue
-		}
+	others := slices.DeleteFunc(c.members(), func(id string) bool { return id == c.cfg.Self })
+	for _, id := range others {
 		wg.Go(func() {
 			cctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 			defer cancel()
@@ -110,7 +108,9 @@ func (c *Cluster) catchUpOnce(ctx context.Context, epoch uint64) (int, error) {
 			heard = append(heard, a)
 		}
 	}
-	if need := len(c.cfg.Members) - 2; len(heard) < need {
+	// Copies live on this node and the others: all of them but one must be
+	// heard (this node counts as heard).
+	if need := len(others) - 1; len(heard) < need {
 		var errs []error
 		for _, a := range answers {
 			errs = append(errs, a.err)
@@ -139,9 +139,6 @@ func (c *Cluster) heartbeatLoop(ctx context.Context) {
 	t := time.NewTicker(c.cfg.HeartbeatInterval)
 	defer t.Stop()
 	busy := map[string]*sync.Mutex{}
-	for _, id := range c.cfg.Members {
-		busy[id] = &sync.Mutex{}
-	}
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	for {
@@ -155,12 +152,16 @@ func (c *Cluster) heartbeatLoop(ctx context.Context) {
 			continue
 		}
 		env := Envelope{Epoch: epoch, Leader: c.cfg.Self}
-		for _, id := range c.cfg.Members {
-			if id == c.cfg.Self || !busy[id].TryLock() {
+		for _, id := range c.members() {
+			if busy[id] == nil {
+				busy[id] = &sync.Mutex{}
+			}
+			one := busy[id]
+			if id == c.cfg.Self || !one.TryLock() {
 				continue // one heartbeat per member at a time
 			}
 			wg.Go(func() {
-				defer busy[id].Unlock()
+				defer one.Unlock()
 				hctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 				defer cancel()
 				var reply batchReply
@@ -208,7 +209,7 @@ func (c *Cluster) repairOnce(ctx context.Context) error {
 	if err := c.admit(reply.Envelope); err != nil {
 		return err
 	}
-	parts, err := differing(c.cfg.Local.Digests(), reply.Digests, c.owns)
+	parts, err := differing(c.cfg.Local.Digests(), reply.Digests, func(p int) bool { return c.isOwner(c.cfg.Self, p) })
 	if err != nil {
 		return err
 	}
@@ -226,10 +227,10 @@ func (c *Cluster) repairOnce(ctx context.Context) error {
 	return nil
 }
 
-// owns reports whether this node is an owner of partition p.
-func (c *Cluster) owns(p int) bool {
+// isOwner reports whether member id owns partition p.
+func (c *Cluster) isOwner(id string, p int) bool {
 	owners, err := c.cfg.Ring.PartitionOwners(p, c.cfg.ReplicationFactor)
-	return err == nil && slices.Contains(owners, c.cfg.Self)
+	return err == nil && slices.Contains(owners, id)
 }
 
 // leaderRead reads key on the caught-up leader once no write to it is in
@@ -317,4 +318,80 @@ func (c *Cluster) ReadStrong(ctx context.Context, key string) (storage.Entry, bo
 func (c *Cluster) ReadStale(key string) (storage.Entry, bool, time.Duration, error) {
 	e, found, err := c.cfg.Local.Lookup(key)
 	return e, found, c.LastContact(), err
+}
+
+// HandOff, called by a leader about to let go of the Lease (after its HTTP
+// server stopped taking writes), pushes to every reachable member the
+// entries of the partitions it owns that differ from this node's. The next
+// leader then finds every write this one accepted on the remaining members,
+// even a write acknowledged with ack=leader, and even when this node is
+// leaving the member set (a scale-down). Members that do not answer are
+// skipped: the next leader's catch-up tolerates one missing member. It
+// returns when the reachable members match or ctx ends.
+func (c *Cluster) HandOff(ctx context.Context) error {
+	epoch, open := c.WriteGate()
+	if !open {
+		return nil
+	}
+	env := Envelope{Epoch: epoch, Leader: c.cfg.Self}
+	// A member holding a version this node does not know (from a deposed
+	// leader) differs after any push; a few rounds settle everything else.
+	const rounds = 5
+	for round := 1; ; round++ {
+		pending := 0
+		for _, id := range c.members() {
+			if id == c.cfg.Self {
+				continue
+			}
+			n, err := c.pushTo(ctx, id, env)
+			if err != nil {
+				c.log.Warn("hand-off: member skipped", "member", id, "err", err)
+				continue
+			}
+			pending += n
+		}
+		if pending == 0 {
+			return nil
+		}
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("hand-off: %d partitions still differ: %w", pending, err)
+		}
+		if round == rounds {
+			return fmt.Errorf("hand-off: %d partitions still differ after %d rounds", pending, round)
+		}
+		c.log.Info("hand-off: pushed partitions to members", "round", round, "partitions", pending)
+	}
+}
+
+// pushTo sends member id the entries of the partitions it owns whose digest
+// differs from this node's, and returns how many partitions differed.
+func (c *Cluster) pushTo(ctx context.Context, id string, env Envelope) (int, error) {
+	cctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	var reply digestsReply
+	if err := c.call(cctx, id, http.MethodPost, DigestsPath, nil, syncRequest{Envelope: &env}, &reply); err != nil {
+		return 0, err
+	}
+	parts, err := differing(c.cfg.Local.Digests(), reply.Digests, func(p int) bool { return c.isOwner(id, p) })
+	if err != nil || len(parts) == 0 {
+		return 0, err
+	}
+	entries, err := c.cfg.Local.PartitionEntries(parts)
+	if err != nil {
+		return 0, err
+	}
+	const chunk = 512
+	for len(entries) > 0 {
+		n := min(chunk, len(entries))
+		batch := batchRequest{Envelope: env, Entries: make([]wireEntry, n)}
+		for i, e := range entries[:n] {
+			batch.Entries[i] = toWire(e)
+		}
+		var br batchReply
+		if err := c.call(ctx, id, http.MethodPost, ReplicatePath, nil, batch, &br); err != nil {
+			return len(parts), err
+		}
+		entries = entries[n:]
+	}
+	return len(parts), nil
 }
