@@ -368,6 +368,21 @@ func TestCluster_Routing_NoLoops_Redirect_Idempotent(t *testing.T) {
 	if code, body := asPeer(true); code != 503 || !strings.Contains(body, `"not_leader"`) {
 		t.Fatalf("forwarded request at a follower: %d %s", code, body)
 	}
+	// The replication endpoints refuse a caller without the cluster token,
+	// or with a wrong one, and change nothing.
+	forged := `{"epoch":99,"leader":"intruder","entries":[{"key":"injected","version":"99.1","value":1}]}`
+	for _, id := range []string{leader, follower} {
+		for _, tok := range []string{"", "wrong-token-wrong-token"} {
+			for _, path := range []string{"/internal/v1/replicate", "/internal/v1/digests", "/internal/v1/entries"} {
+				if code, body := c.peerPost(id, path, forged, tok); code != 401 || !strings.Contains(body, "peer_unauthenticated") {
+					t.Fatalf("%s at %s with token %q: %d %s, want 401", path, id, tok, code, body)
+				}
+			}
+		}
+		if got, err := c.local(shortClient, id, "injected"); err != nil || got.status != http.StatusNotFound {
+			t.Fatalf("after refused injections %s holds injected: %+v %v", id, got, err)
+		}
+	}
 
 	req, _ := http.NewRequest(http.MethodPut, "http://"+c.addr(follower)+"/v1/kv/r?redirect=true", strings.NewReader("1"))
 	resp, err := noRedirect.Do(req)
@@ -563,7 +578,7 @@ func TestCluster_SIGTERMLeader_HandsOverWithinAboutARetryPeriod(t *testing.T) {
 
 // A leader paused past its lease must not acknowledge one write after its
 // gate closed, and must come back as a follower.
-func TestCluster_SIGSTOPLeader_NoAckAfterGateClosed_RejoinsAsFollower(t *testing.T) {
+func TestCluster_SIGSTOPLeader_NoAckAfterGateClosed_RejoinsAsFollower_Fenced(t *testing.T) {
 	c := startCluster(t, 3)
 	old := c.leader(30 * time.Second)
 	var others []string
@@ -572,6 +587,11 @@ func TestCluster_SIGSTOPLeader_NoAckAfterGateClosed_RejoinsAsFollower(t *testing
 			others = append(others, id)
 		}
 	}
+	c.awaitLeaderKnown(old, others...)
+	if code, _, err := c.write(shortClient, old, "fenced", `"old"`); err != nil || code/100 != 2 {
+		t.Fatalf("write before the pause: %d %v", code, err)
+	}
+	oldSt, _ := c.status(old)
 	p := c.nodes[old]
 	if err := p.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
@@ -619,6 +639,57 @@ func TestCluster_SIGSTOPLeader_NoAckAfterGateClosed_RejoinsAsFollower(t *testing
 	})
 	after, _ := c.status(newLeader)
 	t.Logf("old leader %s paused; %s took over; the 10 writes queued at the old leader got %v; %d were applied by the new leader", old, newLeader, codes, after.LastSeq-before.LastSeq)
+
+	// Fencing: a replication batch of the old term (as the resumed leader
+	// would send, with the real cluster token) is refused by the followers,
+	// and no stale value becomes visible anywhere.
+	if code, _, err := c.write(shortClient, newLeader, "fenced", `"new"`); err != nil || code/100 != 2 {
+		t.Fatalf("write under the new leader: %d %v", code, err)
+	}
+	for _, id := range others {
+		body := fmt.Sprintf(`{"epoch":%d,"leader":%q,"entries":[{"key":"fenced","version":"%d.999999","value":"old"}]}`, oldSt.Epoch, old, oldSt.Epoch)
+		code, reply := c.peerPost(id, "/internal/v1/replicate", body, testToken)
+		if code != http.StatusConflict || !strings.Contains(reply, "stale_epoch") {
+			t.Fatalf("old-term batch at %s: %d %s, want 409 stale_epoch", id, code, reply)
+		}
+	}
+	for _, id := range c.ids() {
+		for _, q := range []string{"", "?consistency=stale"} {
+			resp, err := shortClient.Get("http://" + c.addr(id) + "/v1/kv/fenced" + q)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if string(b) != `"new"` && q == "" {
+				t.Fatalf("strong read via %s after the fence: %d %s", id, resp.StatusCode, b)
+			}
+			if string(b) == `"old"` || string(b) == "old" {
+				t.Fatalf("read%s via %s shows the fenced value %s", q, id, b)
+			}
+		}
+	}
+}
+
+// peerPost sends a peer call with the given token and returns the status
+// and body.
+func (c *cluster) peerPost(id, path, body, token string) (int, string) {
+	c.t.Helper()
+	req, err := http.NewRequest(http.MethodPost, "http://"+c.addr(id)+path, strings.NewReader(body))
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	if token != "" {
+		req.Header.Set("X-Store-Peer-Token", token)
+	}
+	resp, err := shortClient.Do(req)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
 }
 
 // apiserverPID finds the control plane's kube-apiserver process by its

@@ -1,27 +1,31 @@
-// Package replication places keys on their owners and will carry the
-// leader's writes to them. DESIGN.md beside this file is the plan; this
-// comment states only what the code guarantees today.
+// Package replication places keys on their owners and carries the leader's
+// writes to them; DESIGN.md beside this file explains why each part exists.
 //
-// It guarantees:
+// Promises (held by the tests in this package and in cmd/store):
 //   - Ring: a key maps to one of PartitionCount partitions and a partition to
-//     up to R distinct owners, as a function of the member set alone (the
-//     order members were added, or a restart re-adding the same names, does
-//     not matter). Member sets and parameters under which
-//     github.com/buraksezer/consistent would panic are refused with an error.
+//     up to R distinct owners, as a function of the member set alone. Member
+//     sets and parameters under which github.com/buraksezer/consistent would
+//     panic are refused with an error.
 //   - Fence: a message from an older leadership term than one already seen
 //     is refused with ErrStaleEpoch, as is a second leader claiming the same
-//     term.
-//   - Replicator.Replicate returns nil only after `need` followers answered
-//     200 to a batch holding the entry, i.e. after they fsynced it
-//     (FollowerHandler applies through storage.DB.ApplyReplicated before it
-//     answers). A follower that is down keeps its queue, so it catches up
-//     when it returns; a full queue marks it Behind. A follower that has
-//     admitted a newer term refuses the batch and OnStaleEpoch is told.
-//
-// It does not yet:
-//   - take part in the write path: the API does not call the Replicator, so
-//     in cluster mode the leader's bbolt is still the only copy. Membership,
-//     ack levels in the API, follower reads with explicit consistency,
-//     catch-up on leader change and anti-entropy repair are designed in
-//     DESIGN.md and not built.
+//     term; the store persists the mark with the entries it admits.
+//   - Writes (Cluster.Write): ack=leader returns after the leader's fsync;
+//     ack=quorum after the leader and ⌊R/2⌋ other members (owners, or live
+//     stand-ins for owners that are down) fsynced the entry; ack=all after
+//     the leader and every owner did. An error wrapping ErrAckTimeout,
+//     ErrTermEnded or storage.ErrStaleEpoch means the entry is durable on the
+//     leader but not promised: its outcome is unknown.
+//   - A new leader's write gate (Cluster.WriteGate) opens only after its
+//     catch-up has collected, from all members but one, every version newer
+//     than its own: every write acknowledged at quorum or all in an earlier
+//     term is then on the leader.
+//   - consistency=strong (Cluster.ReadStrong) returns, for a key, a version
+//     at least as new as every write acknowledged before the call started,
+//     and never a version that is not on two members (linearizable; checked
+//     with porcupine under leader kills and follower pauses).
+//   - consistency=stale (Cluster.ReadStale) returns this replica's copy and
+//     the time since it last heard from a leader; nothing more.
+//   - Repair: a follower whose owned partitions differ from the leader's
+//     pulls them within about one RepairInterval; after a member-set change
+//     the new owners pull theirs, and old copies are never dropped.
 package replication

@@ -223,7 +223,14 @@ func (c *Cluster) repairOnce(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	c.log.Info("repaired partitions from the leader", "leader", leader, "partitions", len(parts), "entries", n)
+	if n > 0 {
+		c.log.Info("repaired partitions from the leader", "leader", leader, "partitions", len(parts), "entries", n)
+	} else {
+		// Nothing newer there: this replica holds versions the leader does
+		// not (an unacknowledged write of a deposed leader). Retried each
+		// round; harmless.
+		c.log.Debug("partitions differ from the leader's but nothing there is newer", "leader", leader, "partitions", len(parts))
+	}
 	return nil
 }
 

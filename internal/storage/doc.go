@@ -10,6 +10,10 @@
 //   - Preconditions (IfMatch, IfExists, IfAbsent) are checked inside the same
 //     transaction that writes, so compare-and-set is atomic.
 //   - Values handed out are copies: callers may keep and modify them.
+//   - ApplyReplicated stores an entry only if its version is newer than the
+//     key's, and refuses a term older than one already admitted.
+//   - With Options.Partitions, Digests equal on two replicas exactly when
+//     they hold the same versions in a partition (up to 64-bit collisions).
 //
 // It does not:
 //   - know about leaders, replication or the network; the caller supplies the
