@@ -22,10 +22,14 @@ run() { # label, then storeload flags
 echo "leader $leader ($lead), follower $follower; $(nproc) cores; $(date -u +%F)"
 echo "| workload | ok/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | non-2xx |"
 echo "|---|---|---|---|---|---|---|---|"
-run "PUT via a follower, 1 client" -targets "$follower" -put-ratio 1 -concurrency 1
-run "PUT to the leader, 1 client" -targets "$lead" -put-ratio 1 -concurrency 1
-run "PUT via a follower, 64 clients" -targets "$follower" -put-ratio 1 -concurrency 64
-run "PUT to the leader, 64 clients" -targets "$lead" -put-ratio 1 -concurrency 64
-run "GET via a follower, 64 clients" -targets "$follower" -put-ratio 0 -concurrency 64
-run "GET at the leader, 64 clients" -targets "$lead" -put-ratio 0 -concurrency 64
-run "50/50 via all nodes, 64 clients" -targets "http://127.0.0.1:$port,http://127.0.0.2:$port,http://127.0.0.3:$port" -put-ratio 0.5 -concurrency 64
+run "PUT via a follower, 1 client, ack=quorum" -targets "$follower" -put-ratio 1 -concurrency 1
+run "PUT to the leader, 1 client, ack=quorum" -targets "$lead" -put-ratio 1 -concurrency 1
+run "PUT via a follower, 64 clients, ack=quorum" -targets "$follower" -put-ratio 1 -concurrency 64
+run "PUT to the leader, 64 clients, ack=leader" -targets "$lead" -put-ratio 1 -concurrency 64 -ack leader
+run "PUT to the leader, 64 clients, ack=quorum" -targets "$lead" -put-ratio 1 -concurrency 64 -ack quorum
+run "PUT to the leader, 64 clients, ack=all" -targets "$lead" -put-ratio 1 -concurrency 64 -ack all
+run "GET via a follower, 64 clients, strong" -targets "$follower" -put-ratio 0 -concurrency 64 -consistency strong
+run "GET via a follower, 64 clients, stale" -targets "$follower" -put-ratio 0 -concurrency 64 -consistency stale
+run "GET via the leader, 64 clients, strong" -targets "$lead" -put-ratio 0 -concurrency 64 -consistency strong
+run "GET via all nodes, 64 clients, stale" -targets "http://127.0.0.1:$port,http://127.0.0.2:$port,http://127.0.0.3:$port" -put-ratio 0 -concurrency 64 -consistency stale
+run "50/50 via all nodes, 64 clients, quorum/strong" -targets "http://127.0.0.1:$port,http://127.0.0.2:$port,http://127.0.0.3:$port" -put-ratio 0.5 -concurrency 64

@@ -180,7 +180,7 @@ func (s *Server) routes() http.Handler {
 		r.Post(replication.ReplicatePath, peer.ServeHTTP)
 		r.Post(replication.DigestsPath, peer.ServeHTTP)
 		r.Post(replication.EntriesPath, peer.ServeHTTP)
-		r.Get(replication.ReadIndexPath, peer.ServeHTTP)
+		r.Post(replication.ReadIndexPath, peer.ServeHTTP)
 	}
 
 	r.Get("/v1/kv", s.list)

@@ -145,6 +145,12 @@ type Cluster struct {
 	// inflight holds this term's keys with writes not yet committed.
 	inflight atomic.Pointer[inflightSet]
 
+	// riQueue holds strong reads waiting for the next read-index request;
+	// riBusy is true while a sender goroutine runs.
+	riMu    sync.Mutex
+	riQueue []*indexWait
+	riBusy  bool
+
 	lastContact atomic.Int64 // unix nanos of the last admitted leader message
 	lastRepair  atomic.Int64 // unix nanos of the last repair round that matched the leader
 

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -20,7 +19,7 @@ const (
 	DigestsPath = "/internal/v1/digests"
 	// EntriesPath answers every entry of the requested partitions.
 	EntriesPath = "/internal/v1/entries"
-	// ReadIndexPath (leader only) answers the committed version of a key.
+	// ReadIndexPath (leader only) answers the committed versions of keys.
 	ReadIndexPath = "/internal/v1/read-index"
 )
 
@@ -44,10 +43,18 @@ type entriesReply struct {
 	Entries []wireEntry `json:"entries"`
 }
 
+// readIndexRequest asks the leader for the committed versions of keys: the
+// strong reads that arrived at a follower while its previous request was in
+// flight share one round trip.
+type readIndexRequest struct {
+	Keys []string `json:"keys"`
+}
+
 type readIndexReply struct {
 	Envelope
-	// Version is the key's committed version, "" if the leader holds none.
-	Version string `json:"version,omitempty"`
+	// Versions holds each key's committed version, in request order; ""
+	// when the leader holds none.
+	Versions []string `json:"versions"`
 }
 
 // peerError is the body of a refused peer call.
@@ -66,7 +73,7 @@ func (c *Cluster) Handler() http.Handler {
 	mux.Handle("POST "+ReplicatePath, FollowerHandler(c.cfg.Local, c.fence, c.admitted))
 	mux.HandleFunc("POST "+DigestsPath, c.serveDigests)
 	mux.HandleFunc("POST "+EntriesPath, c.serveEntries)
-	mux.HandleFunc("GET "+ReadIndexPath, c.serveReadIndex)
+	mux.HandleFunc("POST "+ReadIndexPath, c.serveReadIndex)
 	return mux
 }
 
@@ -135,23 +142,25 @@ func (c *Cluster) serveEntries(w http.ResponseWriter, r *http.Request) {
 	writePeerJSON(w, http.StatusOK, reply)
 }
 
-// serveReadIndex answers the committed version of a key: the leader's
+// serveReadIndex answers the committed version of each key: the leader's
 // version once no write to the key is in flight. Every write acknowledged
 // before the call is at or below it.
 func (c *Cluster) serveReadIndex(w http.ResponseWriter, r *http.Request) {
-	key := r.URL.Query().Get("key")
-	if key == "" {
-		c.peerFail(w, http.StatusBadRequest, "invalid_request", errors.New("key= is required"))
+	var req readIndexRequest
+	if err := json.NewDecoder(io.LimitReader(r.Body, 16<<20)).Decode(&req); err != nil || len(req.Keys) == 0 {
+		c.peerFail(w, http.StatusBadRequest, "invalid_request", fmt.Errorf("body must be {\"keys\":[...]} with at least one key (%v)", err))
 		return
 	}
-	e, found, epoch, err := c.leaderRead(r.Context(), key)
+	entries, found, epoch, err := c.leaderRead(r.Context(), req.Keys)
 	if err != nil {
 		c.peerFail(w, http.StatusServiceUnavailable, "not_leader", err)
 		return
 	}
-	reply := readIndexReply{Envelope: Envelope{Epoch: epoch, Leader: c.cfg.Self}}
-	if found {
-		reply.Version = e.Version.String()
+	reply := readIndexReply{Envelope: Envelope{Epoch: epoch, Leader: c.cfg.Self}, Versions: make([]string, len(req.Keys))}
+	for i := range req.Keys {
+		if found[i] {
+			reply.Versions[i] = entries[i].Version.String()
+		}
 	}
 	writePeerJSON(w, http.StatusOK, reply)
 }

@@ -76,6 +76,7 @@ type clusterMetrics struct {
 	catchUp            prometheus.Histogram
 	repairedKeys       prometheus.Counter
 	repairedPartitions prometheus.Counter
+	readIndexBatch     prometheus.Histogram
 }
 
 func newClusterMetrics(reg prometheus.Registerer, c *Cluster) *clusterMetrics {
@@ -94,6 +95,11 @@ func newClusterMetrics(reg prometheus.Registerer, c *Cluster) *clusterMetrics {
 			Name: "store_replication_repaired_keys_total",
 			Help: "Entries this follower took from the leader by repair (keys moved to it).",
 		}),
+		readIndexBatch: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "store_replication_read_index_batch_keys",
+			Help:    "Keys per read-index request a follower sent the leader (strong reads sharing a round trip).",
+			Buckets: prometheus.ExponentialBuckets(1, 2, 10),
+		}),
 		repairedPartitions: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "store_replication_repaired_partitions_total",
 			Help: "Partitions this follower found different from the leader's and pulled.",
@@ -103,7 +109,7 @@ func newClusterMetrics(reg prometheus.Registerer, c *Cluster) *clusterMetrics {
 		return m
 	}
 	self := c.cfg.Self
-	reg.MustRegister(m.replicate, m.catchUp, m.repairedKeys, m.repairedPartitions,
+	reg.MustRegister(m.replicate, m.catchUp, m.repairedKeys, m.repairedPartitions, m.readIndexBatch,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "store_replication_partitions_owned",
 			Help: "Partitions this node owns under the current ring.",

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"net/url"
 	"slices"
 	"sync"
 	"time"
@@ -240,27 +239,31 @@ func (c *Cluster) isOwner(id string, p int) bool {
 	return err == nil && slices.Contains(owners, id)
 }
 
-// leaderRead reads key on the caught-up leader once no write to it is in
-// flight, and confirms the term did not end meanwhile.
-func (c *Cluster) leaderRead(ctx context.Context, key string) (e storage.Entry, found bool, epoch uint64, err error) {
+// leaderRead reads keys on the caught-up leader, each once no write to it is
+// in flight, and confirms the term did not end meanwhile.
+func (c *Cluster) leaderRead(ctx context.Context, keys []string) (entries []storage.Entry, found []bool, epoch uint64, err error) {
 	epoch, open := c.WriteGate()
 	if !open {
-		return e, false, 0, fmt.Errorf("%w: %s is not a caught-up leader", ErrNotCaughtUp, c.cfg.Self)
+		return nil, nil, 0, fmt.Errorf("%w: %s is not a caught-up leader", ErrNotCaughtUp, c.cfg.Self)
 	}
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.ReadTimeout)
 	defer cancel()
-	err = c.inflight.Load().whenIdle(ctx, key, func() error {
-		var lerr error
-		e, found, lerr = c.cfg.Local.Lookup(key)
-		return lerr
-	})
-	if err != nil {
-		return e, false, 0, fmt.Errorf("%w: a write to %q stayed in flight: %w", ErrReadTimeout, key, err)
+	set := c.inflight.Load()
+	entries, found = make([]storage.Entry, len(keys)), make([]bool, len(keys))
+	for i, key := range keys {
+		err = set.whenIdle(ctx, key, func() error {
+			var lerr error
+			entries[i], found[i], lerr = c.cfg.Local.Lookup(key)
+			return lerr
+		})
+		if err != nil {
+			return nil, nil, 0, fmt.Errorf("%w: a write to %q stayed in flight: %w", ErrReadTimeout, key, err)
+		}
 	}
 	if e2, open := c.WriteGate(); !open || e2 != epoch {
-		return e, false, 0, fmt.Errorf("%w: leadership moved during the read", ErrNotCaughtUp)
+		return nil, nil, 0, fmt.Errorf("%w: leadership moved during the read", ErrNotCaughtUp)
 	}
-	return e, found, epoch, nil
+	return entries, found, epoch, nil
 }
 
 // ReadStrong returns key's entry (tombstones included; found is false when
@@ -270,27 +273,26 @@ func (c *Cluster) leaderRead(ctx context.Context, key string) (e storage.Entry, 
 // names.
 func (c *Cluster) ReadStrong(ctx context.Context, key string) (storage.Entry, bool, error) {
 	if _, open := c.WriteGate(); open {
-		e, found, _, err := c.leaderRead(ctx, key)
-		return e, found, err
-	}
-	leader, _ := c.cfg.Leadership.Leader()
-	if leader == "" || leader == c.cfg.Self {
-		return storage.Entry{}, false, ErrNoLeader
+		es, found, _, err := c.leaderRead(ctx, []string{key})
+		if err != nil {
+			return storage.Entry{}, false, err
+		}
+		return es[0], found[0], nil
 	}
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.ReadTimeout)
 	defer cancel()
-	var idx readIndexReply
-	if err := c.call(ctx, leader, http.MethodGet, ReadIndexPath, url.Values{"key": {key}}, nil, &idx); err != nil {
-		return storage.Entry{}, false, fmt.Errorf("read index from %s: %w", leader, err)
+	env, version, err := c.readIndex(ctx, key)
+	if err != nil {
+		return storage.Entry{}, false, err
 	}
-	if err := c.admit(idx.Envelope); err != nil {
+	if err := c.admit(env); err != nil {
 		return storage.Entry{}, false, err
 	}
 	var want storage.Version
-	if idx.Version != "" {
-		v, err := storage.ParseVersion(idx.Version)
+	if version != "" {
+		v, err := storage.ParseVersion(version)
 		if err != nil {
-			return storage.Entry{}, false, fmt.Errorf("read index from %s: %w", leader, err)
+			return storage.Entry{}, false, fmt.Errorf("read index from %s: %w", env.Leader, err)
 		}
 		want = v
 	}
@@ -305,17 +307,87 @@ func (c *Cluster) ReadStrong(ctx context.Context, key string) (storage.Entry, bo
 			return e, false, nil
 		case found && e.Version == want:
 			return e, true, nil
-		case found && want.Less(e.Version) && e.Version.Epoch == idx.Epoch:
+		case found && want.Less(e.Version) && e.Version.Epoch == env.Epoch:
 			// A newer write of the same leader reached this replica after
 			// the read index: it is on two members already, so it stays.
 			return e, true, nil
 		case found && want.Less(e.Version):
-			return e, false, fmt.Errorf("%w: %q is at %s here, the leader has %q", ErrDiverged, key, e.Version, idx.Version)
+			return e, false, fmt.Errorf("%w: %q is at %s here, the leader has %q", ErrDiverged, key, e.Version, version)
 		}
 		select {
 		case <-changed:
 		case <-ctx.Done():
-			return e, false, fmt.Errorf("%w: this replica has not applied %s of %q yet", ErrReadTimeout, idx.Version, key)
+			return e, false, fmt.Errorf("%w: this replica has not applied %s of %q yet", ErrReadTimeout, version, key)
+		}
+	}
+}
+
+// indexWait is one strong read waiting for its key's committed version.
+type indexWait struct {
+	key     string
+	env     Envelope
+	version string
+	err     error
+	done    chan struct{}
+}
+
+// readIndex asks the leader for key's committed version. Reads that arrive
+// while a request is in flight wait for the next one, which carries all of
+// their keys: the read index is always taken after the read started, and a
+// burst of strong reads costs one round trip instead of one each.
+func (c *Cluster) readIndex(ctx context.Context, key string) (Envelope, string, error) {
+	w := &indexWait{key: key, done: make(chan struct{})}
+	c.riMu.Lock()
+	c.riQueue = append(c.riQueue, w)
+	if !c.riBusy {
+		c.riBusy = true
+		c.wg.Go(c.sendReadIndexes)
+	}
+	c.riMu.Unlock()
+	select {
+	case <-w.done:
+		return w.env, w.version, w.err
+	case <-ctx.Done():
+		return Envelope{}, "", fmt.Errorf("%w: no read index from the leader: %w", ErrReadTimeout, ctx.Err())
+	}
+}
+
+// sendReadIndexes sends the queued keys, one request at a time, until the
+// queue is empty.
+func (c *Cluster) sendReadIndexes() {
+	for {
+		c.riMu.Lock()
+		batch := c.riQueue
+		c.riQueue = nil
+		if len(batch) == 0 {
+			c.riBusy = false
+			c.riMu.Unlock()
+			return
+		}
+		c.riMu.Unlock()
+		keys := make([]string, len(batch))
+		for i, w := range batch {
+			keys[i] = w.key
+		}
+		var reply readIndexReply
+		err := ErrNoLeader
+		if leader, _ := c.cfg.Leadership.Leader(); leader != "" && leader != c.cfg.Self {
+			ctx, cancel := context.WithTimeout(c.ctx, c.cfg.ReadTimeout)
+			err = c.call(ctx, leader, http.MethodPost, ReadIndexPath, nil, readIndexRequest{Keys: keys}, &reply)
+			cancel()
+			if err == nil && len(reply.Versions) != len(keys) {
+				err = fmt.Errorf("read index from %s: %d versions for %d keys", leader, len(reply.Versions), len(keys))
+			}
+			if err != nil {
+				err = fmt.Errorf("read index from %s: %w", leader, err)
+			}
+		}
+		c.m.readIndexBatch.Observe(float64(len(keys)))
+		for i, w := range batch {
+			if w.err = err; err == nil {
+				w.env, w.version = reply.Envelope, reply.Versions[i]
+			}
+			close(w.done)
 		}
 	}
 }
