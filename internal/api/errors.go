@@ -55,6 +55,7 @@ var errorTable = []struct {
 	{errLeaderTimeout, http.StatusGatewayTimeout, "outcome_unknown"},
 	{errReplicasTimeout, http.StatusGatewayTimeout, "outcome_unknown"},
 	{errOutcomeUnknown, http.StatusBadGateway, "outcome_unknown"},
+	{storage.ErrSyncFailed, http.StatusBadGateway, "outcome_unknown"},
 	{storage.ErrRequestIDReused, http.StatusConflict, "request_id_reused"},
 	{storage.ErrClosed, http.StatusServiceUnavailable, "shutting_down"},
 	// The client went away or its deadline passed while the write was queued:

@@ -18,8 +18,9 @@ import (
 // mode. *replication.Cluster implements it.
 type Replication interface {
 	// Write runs apply (the leader's local commit) and replicates the
-	// entry to the key's owners until ack is met.
-	Write(ctx context.Context, epoch uint64, ack replication.AckLevel, key string, apply func() (storage.Result, error)) (storage.Result, error)
+	// entry to the key's owners until ack is met; apply passes beforeSync
+	// on as storage.Mutation.BeforeSync.
+	Write(ctx context.Context, epoch uint64, ack replication.AckLevel, key string, apply func(beforeSync func(storage.Result)) (storage.Result, error)) (storage.Result, error)
 	// Owners lists the key's owners, primary first.
 	Owners(key string) []string
 	// ReadStrong and ReadStale read this node's replica; see their docs.
@@ -95,14 +96,17 @@ func (s *Server) replicatedWrite(w http.ResponseWriter, r *http.Request, epoch u
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), s.cfg.ReplicationTimeout)
 	defer cancel()
-	res, err := s.cfg.Replication.Write(ctx, epoch, ack, m.Key, func() (storage.Result, error) {
+	res, err := s.cfg.Replication.Write(ctx, epoch, ack, m.Key, func(beforeSync func(storage.Result)) (storage.Result, error) {
+		m.BeforeSync = beforeSync
 		return s.cfg.Store.Apply(r.Context(), m)
 	})
 	switch {
 	case err == nil:
 		return res, true
 	case res.Entry.Version.IsZero():
-		// The local commit itself failed: nothing was written.
+		// The local commit itself failed: nothing was written here. (If
+		// the entry had already left for the owners the error is
+		// storage.ErrSyncFailed, which the table answers as outcome_unknown.)
 		s.writeError(w, r, notFoundKey(err, m.Key))
 	case errors.Is(err, replication.ErrAckTimeout):
 		s.writeError(w, r, fmt.Errorf("%w: %w: version %s is durable on the leader but ack=%s was not met within %s (%v); it will still be replicated, retry with the same %s to wait again",

@@ -308,37 +308,63 @@ func (c *Cluster) Owners(key string) []string {
 func (c *Cluster) Self() string { return c.cfg.Self }
 
 // Write applies a write on the leader and replicates it. apply performs the
-// local durable write (storage.DB.Apply stamped with epoch); Write then
-// sends the entry to the key's owners and returns once ack is met. The
-// returned error wraps ErrAckTimeout, ErrTermEnded or storage.ErrStaleEpoch
-// when the entry is durable here but not (yet) where ack promised: its
-// outcome is unknown to the client.
-func (c *Cluster) Write(ctx context.Context, epoch uint64, ack AckLevel, key string, apply func() (storage.Result, error)) (storage.Result, error) {
-	// The key is in flight from before the local commit until the entry is
-	// committed (a quorum of copies), so a read index never hands out a
-	// version that a crash of this node could still take back.
+// local durable write (storage.DB.Apply stamped with epoch), passing
+// beforeSync on as storage.Mutation.BeforeSync: the entry then leaves for
+// the key's owners while the leader's own disk syncs. Write returns once the
+// leader's commit is done and ack is met. The returned error wraps
+// ErrAckTimeout, ErrTermEnded or storage.ErrStaleEpoch when the entry is
+// durable here but not (yet) where ack promised, and storage.ErrSyncFailed
+// when it left for the owners but the local commit failed: in all these
+// cases its outcome is unknown to the client.
+func (c *Cluster) Write(ctx context.Context, epoch uint64, ack AckLevel, key string, apply func(beforeSync func(storage.Result)) (storage.Result, error)) (storage.Result, error) {
+	// The key is in flight from before the local commit until the leader's
+	// copy is durable and the entry is committed on ⌊R/2⌋ others, so a
+	// read index never hands out a version that a crash of this node could
+	// still take back.
 	set := c.inflight.Load()
 	set.add(key)
-	res, err := apply()
-	if err != nil {
-		set.done(key)
-		return res, err
-	}
-	entry := res.Entry
-	if res.Replayed {
-		// A retry of a write applied before: make sure it reaches its
-		// copies this time, unless a newer write has replaced it.
-		cur, found, err := c.cfg.Local.Lookup(key)
-		if err != nil || !found || cur.Version != entry.Version {
-			set.done(key)
-			return res, err
+	var (
+		once    sync.Once
+		waiting atomic.Int32 // the local commit and the replicas' commit
+	)
+	release := func() { once.Do(func() { set.done(key) }) }
+	waiting.Store(2)
+	step := func() {
+		if waiting.Add(-1) == 0 {
+			release()
 		}
-		entry = cur
 	}
 	targets, need, commitAt := c.placement(key, ack)
-	p, err := c.repl.Submit(epoch, entry, targets, need, commitAt, func() { set.done(key) })
+	var (
+		p      *Pending
+		subErr error
+	)
+	res, err := apply(func(r storage.Result) {
+		p, subErr = c.repl.Submit(epoch, r.Entry, targets, need, commitAt, step)
+	})
 	if err != nil {
+		release()
 		return res, err
+	}
+	if p == nil && subErr == nil {
+		// Not sent during the sync (no durable seq reservation yet, or a
+		// replayed request id): send it now.
+		entry := res.Entry
+		if res.Replayed {
+			// A retry of a write applied before: make sure it reaches its
+			// copies this time, unless a newer write has replaced it.
+			cur, found, err := c.cfg.Local.Lookup(key)
+			if err != nil || !found || cur.Version != entry.Version {
+				release()
+				return res, err
+			}
+			entry = cur
+		}
+		p, subErr = c.repl.Submit(epoch, entry, targets, need, commitAt, step)
+	}
+	step() // the leader's copy is durable
+	if subErr != nil {
+		return res, subErr
 	}
 	start := time.Now()
 	if ack != AckAll && need > 0 {

@@ -140,8 +140,8 @@ func put(t *testing.T, nd *testNode, ack AckLevel, key, val string) storage.Resu
 	epoch := awaitGate(t, nd)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	res, err := nd.c.Write(ctx, epoch, ack, key, func() (storage.Result, error) {
-		return nd.db.Apply(ctx, storage.Mutation{Key: key, Value: []byte(val), Epoch: epoch})
+	res, err := nd.c.Write(ctx, epoch, ack, key, func(beforeSync func(storage.Result)) (storage.Result, error) {
+		return nd.db.Apply(ctx, storage.Mutation{Key: key, Value: []byte(val), Epoch: epoch, BeforeSync: beforeSync})
 	})
 	if err != nil {
 		t.Fatalf("write %s on %s: %v", key, nd.id, err)

@@ -41,7 +41,11 @@ var (
 
 	metaFormat = []byte("format")
 	metaSeq    = []byte("seq")
-	metaFence  = []byte("fence_epoch")
+	// seq_reserved bounds every seq handed out before its commit was
+	// fsynced (Mutation.BeforeSync); after a crash the counter resumes
+	// above it, so no version can be assigned twice.
+	metaReserved = []byte("seq_reserved")
+	metaFence    = []byte("fence_epoch")
 )
 
 // Options configures Open. The zero value is usable.
@@ -93,6 +97,16 @@ type Mutation struct {
 	// mutation whose RequestID was already applied (within RequestTTL)
 	// writes nothing and returns the first result with Replayed set.
 	RequestID string
+	// BeforeSync, if set, may be called with the mutation's result after it
+	// is applied in its transaction and before that transaction is fsynced,
+	// so the caller can start replicating while the disk syncs. It runs on
+	// the committer goroutine and must not block. It is not called for a
+	// replayed or failed mutation, nor when the version is not yet covered
+	// by a durable reservation (then the caller learns the result from
+	// Apply as usual). If the commit then fails, Apply returns an error
+	// wrapping ErrSyncFailed: the version was handed out but is not durable
+	// here.
+	BeforeSync func(Result)
 }
 
 // Result is the outcome of an applied Mutation.
@@ -122,6 +136,11 @@ type DB struct {
 	reqs   chan *request
 	done   chan struct{}
 
+	// Owned by the committer goroutine: reserved is the seq bound durable
+	// on disk; seqFloor keeps versions handed out by BeforeSync from being
+	// assigned again after a failed commit.
+	reserved, seqFloor uint64
+
 	// digests and the change broadcast; see digest.go.
 	digMu   sync.Mutex
 	digests []uint64
@@ -131,11 +150,12 @@ type DB struct {
 // request is one unit of work for the committer: a local Mutation, or (when
 // repl is set) a batch of replicated entries.
 type request struct {
-	m    Mutation
-	repl *replBatch
-	res  Result
-	err  error
-	done chan struct{}
+	m     Mutation
+	repl  *replBatch
+	res   Result
+	err   error
+	early bool // m.BeforeSync was called
+	done  chan struct{}
 }
 
 type replBatch struct {
@@ -193,6 +213,13 @@ func Open(dir string, opts Options) (*DB, error) {
 		_ = bdb.Close()
 		return nil, fmt.Errorf("storage: %s: %w", path, err)
 	}
+	_ = bdb.View(func(tx *bolt.Tx) error {
+		// Versions up to the reservation may have left this node before a
+		// crash; new ones start above it.
+		db.reserved = readUint(tx.Bucket(bucketMeta), metaReserved)
+		db.seqFloor = db.reserved
+		return nil
+	})
 	go db.commitLoop()
 	return db, nil
 }
@@ -461,14 +488,32 @@ func (db *DB) sweepRequests(cutoff time.Time) {
 	})
 }
 
+// Seq reservation: handed-out versions stay below the durable bound, which
+// each commit pushes reserveBlock ahead once fewer than reserveBlock/2
+// remain. Only writers that use BeforeSync (a replicating leader) reserve,
+// so a single node's versions stay dense.
+const reserveBlock = 1 << 14
+
+func wantsEarly(batch []*request) bool {
+	for _, r := range batch {
+		if r.repl == nil && r.m.BeforeSync != nil {
+			return true
+		}
+	}
+	return false
+}
+
 func (db *DB) commit(batch []*request) {
 	start := time.Now()
-	var changes []change
+	var (
+		changes  []change
+		reserved = db.reserved
+	)
 	err := db.bolt.Update(func(tx *bolt.Tx) error {
 		meta, kv := tx.Bucket(bucketMeta), tx.Bucket(bucketKV)
 		reqs := requestBuckets{ids: tx.Bucket(bucketRequests), byTime: tx.Bucket(bucketRequestsByTime)}
-		seq, fence := readSeq(meta), readUint(meta, metaFence)
-		seq0, fence0 := seq, fence
+		seq, fence := max(readSeq(meta), db.seqFloor), readUint(meta, metaFence)
+		seq0, fence0 := readSeq(meta), fence
 		for _, r := range batch {
 			// Every request, local or replicated, passes the same fence in
 			// commit order: once a newer term has been admitted here, an
@@ -496,10 +541,30 @@ func (db *DB) commit(batch []*request) {
 			}
 		}
 		if fence != fence0 {
-			return meta.Put(metaFence, binary.BigEndian.AppendUint64(nil, fence))
+			if err := meta.Put(metaFence, binary.BigEndian.AppendUint64(nil, fence)); err != nil {
+				return err
+			}
+		}
+		if seq+reserveBlock/2 > reserved && wantsEarly(batch) {
+			reserved = seq + reserveBlock
+			if err := meta.Put(metaReserved, binary.BigEndian.AppendUint64(nil, reserved)); err != nil {
+				return err
+			}
+		}
+		// Everything is applied; only the fsync is left. Versions under
+		// the reservation already durable may leave now.
+		for _, r := range batch {
+			if r.err == nil && r.repl == nil && r.m.BeforeSync != nil && !r.res.Replayed && r.res.Entry.Version.Seq <= db.reserved {
+				r.m.BeforeSync(r.res)
+				r.early = true
+				db.seqFloor = max(db.seqFloor, r.res.Entry.Version.Seq)
+			}
 		}
 		return nil
 	})
+	if err == nil {
+		db.reserved = reserved
+	}
 	db.metrics.observeCommit(time.Since(start), len(batch))
 	if err == nil {
 		db.noteChanges(changes)
@@ -508,6 +573,9 @@ func (db *DB) commit(batch []*request) {
 		if err != nil {
 			// The transaction rolled back: nothing in it was written.
 			r.res, r.err = Result{}, err
+			if r.early {
+				r.err = fmt.Errorf("%w: %w", ErrSyncFailed, err)
+			}
 		}
 		close(r.done)
 	}

@@ -103,3 +103,54 @@ func TestChanged_ClosesOnCommit(t *testing.T) {
 		t.Fatalf("Lookup = %+v, %v, %v", e, found, err)
 	}
 }
+
+// BeforeSync hands out versions only under a durable reservation, and a
+// reopened DB assigns versions above every one handed out.
+func TestBeforeSync_ReservedVersionsNeverReused(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	db, err := Open(dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var early []Version
+	apply := func(key string) Result {
+		t.Helper()
+		var got *Result
+		res, err := db.Apply(ctx, Mutation{Key: key, Value: []byte("1"), Epoch: 1, BeforeSync: func(r Result) { got = &r }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != nil {
+			if got.Entry.Version != res.Entry.Version {
+				t.Fatalf("BeforeSync saw %s, Apply returned %s", got.Entry.Version, res.Entry.Version)
+			}
+			early = append(early, got.Entry.Version)
+		}
+		return res
+	}
+	apply("first") // no reservation is durable yet: not early
+	if len(early) != 0 {
+		t.Fatalf("first commit handed out %v before any reservation was durable", early)
+	}
+	for i := range 5 {
+		apply(fmt.Sprintf("k%d", i))
+	}
+	if len(early) != 5 {
+		t.Fatalf("%d of 5 writes under a durable reservation were handed out early", len(early))
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if db, err = Open(dir, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	res, err := db.Apply(ctx, Mutation{Key: "after", Value: []byte("1"), Epoch: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Entry.Version.Seq <= early[len(early)-1].Seq+reserveBlock/2 {
+		t.Fatalf("after reopen version %s, not above the reservation covering %s", res.Entry.Version, early[len(early)-1])
+	}
+}

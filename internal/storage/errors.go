@@ -38,6 +38,11 @@ var (
 	// been superseded.
 	ErrStaleEpoch = errors.New("stale epoch")
 
+	// ErrSyncFailed means a commit failed after its mutation's result had
+	// been handed to Mutation.BeforeSync: the version may exist elsewhere
+	// but is not durable here. The caller must treat the outcome as unknown.
+	ErrSyncFailed = errors.New("commit failed after the version was handed out")
+
 	// ErrLocked means another process holds the database file.
 	ErrLocked = errors.New("database file is locked by another process")
 )
