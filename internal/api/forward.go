@@ -173,13 +173,22 @@ func isDialError(err error) bool {
 
 // ensureRequestID gives a request about to be forwarded an id, if the
 // client sent none, so the retries of the forward are applied once.
-func ensureRequestID(r *http.Request) {
+//
+// The id starts with the time in fixed-width hex, so the ids the leader
+// records sort in arrival order and land at the end of its request-id
+// B-tree: random ids dirtied a page per write there, which made the
+// leader's commits several times larger (seen in CPU profiles as bbolt
+// write time). The node id and a counter keep ids unique across nodes and
+// within one nanosecond; the random part keeps them unique across
+// restarts with a skewed clock.
+func (s *Server) ensureRequestID(r *http.Request) {
 	if r.Header.Get(HeaderRequestID) != "" {
 		return
 	}
-	var b [16]byte
+	var b [4]byte
 	_, _ = rand.Read(b[:])
-	r.Header.Set(HeaderRequestID, hex.EncodeToString(b[:]))
+	id := fmt.Sprintf("%016x-%s-%x-%s", time.Now().UnixNano(), s.cfg.NodeID, s.idSeq.Add(1), hex.EncodeToString(b[:]))
+	r.Header.Set(HeaderRequestID, id)
 }
 
 // leadHere decides where a request that needs the leader is served. It
@@ -252,7 +261,7 @@ var hopHeaders = map[string]bool{
 
 func (s *Server) proxy(w http.ResponseWriter, r *http.Request, addr string, body []byte) {
 	if r.Method != http.MethodGet {
-		ensureRequestID(r)
+		s.ensureRequestID(r)
 	}
 	st := &forwardState{}
 	ctx, cancel := context.WithTimeout(context.WithValue(r.Context(), forwardStateKey{}, st), s.cfg.ForwardTimeout)

@@ -92,6 +92,8 @@ type Server struct {
 	forwarder *retryablehttp.Client
 	// readClient carries reads to replicas (cluster mode only).
 	readClient *http.Client
+	// idSeq numbers the request ids this node generates.
+	idSeq atomic.Uint64
 }
 
 // New validates cfg and builds the server. It starts not ready; call
