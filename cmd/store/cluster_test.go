@@ -647,7 +647,7 @@ func TestCluster_SIGSTOPLeader_NoAckAfterGateClosed_RejoinsAsFollower_Fenced(t *
 		t.Fatalf("write under the new leader: %d %v", code, err)
 	}
 	for _, id := range others {
-		body := fmt.Sprintf(`{"epoch":%d,"leader":%q,"entries":[{"key":"fenced","version":"%d.999999","value":"old"}]}`, oldSt.Epoch, old, oldSt.Epoch)
+		body := fmt.Sprintf(`{"epoch":%d,"leader":%q,"entries":[{"key":"fenced","version":"%d.999999","value":"\"old\""}]}`, oldSt.Epoch, old, oldSt.Epoch)
 		code, reply := c.peerPost(id, "/internal/v1/replicate", body, testToken)
 		if code != http.StatusConflict || !strings.Contains(reply, "stale_epoch") {
 			t.Fatalf("old-term batch at %s: %d %s, want 409 stale_epoch", id, code, reply)
@@ -929,5 +929,26 @@ func TestCluster_SingleEntryPoint_LikePortForward(t *testing.T) {
 	}
 	if code, _, body := do("PUT", "/v1/kv/pf/bad", `{`); code != 400 || !strings.Contains(body, "invalid_json") {
 		t.Fatalf("bad JSON: %d %s", code, body)
+	}
+	// Values come back byte for byte, whichever replica answers.
+	const exact = "{ \"a\" : [1, 2,  3],\n  \"h\": \"<&>\" }"
+	if code, _, body := do("PUT", "/v1/kv/pf/exact", exact); code != 201 {
+		t.Fatalf("PUT exact: %d %s", code, body)
+	}
+	for _, id := range c.ids() {
+		for _, q := range []string{"", "?consistency=stale"} {
+			waitFor(t, 5*time.Second, "the exact value via "+id+q, func() bool {
+				resp, err := shortClient.Get("http://" + c.addr(id) + "/v1/kv/pf/exact" + q)
+				if err != nil {
+					return false
+				}
+				b, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode == http.StatusOK && string(b) != exact {
+					t.Fatalf("GET%s via %s changed the bytes: %q, sent %q", q, id, b, exact)
+				}
+				return resp.StatusCode == http.StatusOK
+			})
+		}
 	}
 }

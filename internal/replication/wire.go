@@ -16,12 +16,14 @@ import (
 const ReplicatePath = "/internal/v1/replicate"
 
 // wireEntry is one replicated entry on the wire. Value is the client's JSON
-// exactly as sent, carried as raw JSON so it is not re-encoded.
+// exactly as sent, carried as a JSON string: a json.RawMessage would be
+// compacted and HTML-escaped on the way, and replicas must hold the same
+// bytes the client sent.
 type wireEntry struct {
-	Key     string          `json:"key"`
-	Version string          `json:"version"`
-	Deleted bool            `json:"deleted,omitempty"`
-	Value   json.RawMessage `json:"value,omitempty"`
+	Key     string `json:"key"`
+	Version string `json:"version"`
+	Deleted bool   `json:"deleted,omitempty"`
+	Value   string `json:"value,omitempty"`
 }
 
 // batchRequest is the body of POST ReplicatePath.
@@ -44,7 +46,7 @@ type batchReply struct {
 func toWire(e storage.Entry) wireEntry {
 	w := wireEntry{Key: e.Key, Version: e.Version.String(), Deleted: e.Deleted}
 	if !e.Deleted {
-		w.Value = e.Value
+		w.Value = string(e.Value)
 	}
 	return w
 }
@@ -54,7 +56,7 @@ func fromWire(w wireEntry) (storage.Entry, error) {
 	if err != nil {
 		return storage.Entry{}, err
 	}
-	if w.Key == "" || (!w.Deleted && !json.Valid(w.Value)) {
+	if w.Key == "" || (!w.Deleted && !json.Valid([]byte(w.Value))) {
 		return storage.Entry{}, fmt.Errorf("entry %q: missing key or invalid value", w.Key)
 	}
 	return storage.Entry{Key: w.Key, Value: []byte(w.Value), Version: v, Deleted: w.Deleted}, nil
