@@ -5,7 +5,7 @@ GO ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: all build run test unit chaos controlplane cluster cluster-down image fuzz bench bench-failover bench-compare vet clean
+.PHONY: all build run test unit chaos controlplane cluster cluster-down image fuzz bench bench-failover bench-compare bench-memory vet clean
 
 all: build
 
@@ -76,6 +76,13 @@ bench-compare: controlplane
 	$(GO) build -o .bench/benchcompare ./hack/benchcompare
 	bash hack/cluster.sh up >/dev/null
 	.bench/benchcompare -etcd "$$(bash hack/controlplane.sh --dir)/etcd" -rounds $${ROUNDS:-3}; rc=$$?; bash hack/cluster.sh down >/dev/null; exit $$rc
+
+# RSS of each node of a fresh local cluster after KEYS (1M) keys of 256 B and
+# every SAMPLE seconds of a SOAK (10m) of 50/50 load; prints a table.
+bench-memory: controlplane
+	bash hack/cluster.sh down >/dev/null; rm -rf .cluster/data
+	bash hack/cluster.sh up >/dev/null
+	bash scripts/memory-report.sh; rc=$$?; bash hack/cluster.sh down >/dev/null; exit $$rc
 
 clean: cluster-down
 	rm -rf bin .cluster .bench
