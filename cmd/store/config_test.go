@@ -44,6 +44,16 @@ func TestParseConfig(t *testing.T) {
 			func(c config) bool { return len(c.members) == 3 && c.members[1] == "host" }, ""},
 		{"members without this node", []string{"--members", "a,b"}, nil, nil, "--members"},
 		{"bad debug listen", []string{"--debug-listen", "6060"}, nil, nil, "--debug-listen"},
+		{"statefulset from env, replication defaults", nil, map[string]string{"STORE_STATEFULSET": "store"},
+			func(c config) bool {
+				return c.statefulSet == "store" && c.replicationFactor == 2 && c.replicationTimeout == 5*time.Second
+			}, ""},
+		{"members and statefulset", []string{"--members", "host", "--statefulset", "store"}, nil, nil, "--statefulset"},
+		{"replication factor zero", []string{"--replication-factor", "0"}, nil, nil, "--replication-factor"},
+		{"replication factor too big", nil, map[string]string{"STORE_REPLICATION_FACTOR": "9"}, nil, "env STORE_REPLICATION_FACTOR"},
+		{"replication timeout zero", []string{"--replication-timeout", "0s"}, nil, nil, "--replication-timeout"},
+		{"shutdown delay from env", nil, map[string]string{"STORE_SHUTDOWN_DELAY": "3s"},
+			func(c config) bool { return c.shutdownDelay == 3*time.Second }, ""},
 		{"missing peer token file", []string{"--peer-token-file", "/nonexistent/token"}, nil, nil, "--peer-token-file"},
 	}
 	for _, tt := range tests {
