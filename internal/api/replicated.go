@@ -98,7 +98,10 @@ func (s *Server) replicatedWrite(w http.ResponseWriter, r *http.Request, epoch u
 	defer cancel()
 	res, err := s.cfg.Replication.Write(ctx, epoch, ack, m.Key, func(beforeSync func(storage.Result)) (storage.Result, error) {
 		m.BeforeSync = beforeSync
-		return s.cfg.Store.Apply(r.Context(), m)
+		// Not the client's context: a client that leaves must not keep
+		// Write from learning the commit (the mutation commits anyway),
+		// or the key would stop counting as in flight too early.
+		return s.cfg.Store.Apply(context.WithoutCancel(r.Context()), m)
 	})
 	switch {
 	case err == nil:

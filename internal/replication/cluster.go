@@ -245,7 +245,13 @@ func (c *Cluster) Start() {
 // Close stops the loops, the catch-up and the senders, and waits for them.
 // Writes waiting for replicas fail with ErrAckTimeout.
 func (c *Cluster) Close() {
+	// Cancel under the locks that guard starting goroutines, so none is
+	// added to wg once Wait may have begun.
+	c.catchMu.Lock()
+	c.riMu.Lock()
 	c.cancel()
+	c.riMu.Unlock()
+	c.catchMu.Unlock()
 	c.wg.Wait()
 	c.repl.Close()
 }
@@ -364,19 +370,23 @@ func (c *Cluster) Write(ctx context.Context, epoch uint64, ack AckLevel, key str
 	}
 	step() // the leader's copy is durable
 	if subErr != nil {
+		// Fewer followers than need could even queue it (their queues
+		// are full: several members down). The key stays in flight until
+		// the entry commits after all, or the term ends.
 		return res, subErr
 	}
-	start := time.Now()
-	if ack != AckAll && need > 0 {
+	if ack != AckAll {
 		// An owner that died a moment ago is not known to be down yet: if
-		// the copies do not confirm soon, stand-ins take the entry too.
-		select {
-		case <-p.Done():
-		case <-ctx.Done():
-		case <-time.After(c.cfg.StandInAfter):
-			c.repl.Extend(p, c.standIns(key, nil))
-		}
+		// the entry has not committed soon, stand-ins take it too, whether
+		// or not the client still waits (strong reads of the key wait for
+		// the commit).
+		time.AfterFunc(c.cfg.StandInAfter, func() {
+			if !p.Committed() {
+				c.repl.Extend(p, c.standIns(key, nil))
+			}
+		})
 	}
+	start := time.Now()
 	err = p.Wait(ctx)
 	c.m.replicate.WithLabelValues(ack.String()).Observe(time.Since(start).Seconds())
 	return res, err
@@ -471,6 +481,17 @@ func (c *Cluster) admitted(env Envelope) {
 		c.cfg.Leadership.ObserveEpoch(env.Epoch)
 		c.lastContact.Store(nowNano())
 	}
+}
+
+// persistFence raises the store's durable fence to epoch (an empty
+// replicated batch, ordered behind every commit already queued), so a
+// restart cannot lower what this node has promised to refuse.
+func (c *Cluster) persistFence(ctx context.Context, epoch uint64) error {
+	if c.cfg.Local.FenceEpoch() >= epoch {
+		return nil
+	}
+	_, err := c.cfg.Local.ApplyReplicated(ctx, epoch, nil)
+	return err
 }
 
 // LastContact is the time since this node last heard from a leader (zero

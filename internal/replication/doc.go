@@ -21,8 +21,9 @@
 //     term is then on the leader.
 //   - consistency=strong (Cluster.ReadStrong) returns, for a key, a version
 //     at least as new as every write acknowledged before the call started,
-//     and never a version that is not on two members (linearizable; checked
-//     with porcupine under leader kills and follower pauses).
+//     and, with R ≥ 2, never a version that is not on two members
+//     (linearizable; checked with porcupine under leader kills and follower
+//     pauses).
 //   - consistency=stale (Cluster.ReadStale) returns this replica's copy and
 //     the time since it last heard from a leader; nothing more.
 //   - Repair: a follower whose owned partitions differ from the leader's

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -105,6 +106,15 @@ func (c *Cluster) syncAuthority(w http.ResponseWriter, r *http.Request) (req syn
 	if req.Envelope != nil {
 		if err := c.admit(*req.Envelope); err != nil {
 			c.peerFail(w, http.StatusConflict, "stale_epoch", err)
+			return req, env, false
+		}
+		// A catching-up leader's term must survive a restart of this node.
+		if err := c.persistFence(r.Context(), req.Envelope.Epoch); err != nil {
+			status, code := http.StatusInternalServerError, "fence_failed"
+			if errors.Is(err, storage.ErrStaleEpoch) {
+				status, code = http.StatusConflict, "stale_epoch"
+			}
+			c.peerFail(w, status, code, err)
 			return req, env, false
 		}
 		return req, *req.Envelope, true

@@ -216,6 +216,9 @@ func (r *Replicator) Extend(p *Pending, to []string) int {
 // Done is closed once the entry reached its need.
 func (p *Pending) Done() <-chan struct{} { return p.done }
 
+// Committed reports whether commitAt followers have confirmed the entry.
+func (p *Pending) Committed() bool { return p.acks.Load() >= p.commitAt }
+
 // Wait blocks until the entry reached its need, and otherwise returns an
 // error wrapping ErrAckTimeout (ctx ended or the replicator closed),
 // ErrTermEnded, or storage.ErrStaleEpoch (a follower admitted a newer term).
@@ -249,8 +252,8 @@ func (r *Replicator) Queued() map[string]int {
 	return out
 }
 
-// Behind lists followers whose queue overflowed: they missed entries and
-// stay listed until repair (anti-entropy, not built yet) brings them back.
+// Behind lists followers whose queue overflowed and has not drained since:
+// they missed entries, which their own repair pulls from the leader.
 func (r *Replicator) Behind() []string {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -383,6 +386,11 @@ func (p *peer) deliver(batch []*Pending) {
 		case err == nil && status == http.StatusOK:
 			for _, e := range batch {
 				e.ack()
+			}
+			if len(p.queue) == 0 {
+				// Caught up with the queue; what overflowed earlier is the
+				// follower's repair's to fetch.
+				p.behind.Store(false)
 			}
 			return
 		case err == nil && status == http.StatusConflict:

@@ -68,9 +68,13 @@ func (c *Cluster) catchUp(epoch uint64) {
 
 func (c *Cluster) catchUpOnce(ctx context.Context, epoch uint64) (int, error) {
 	env := Envelope{Epoch: epoch, Leader: c.cfg.Self}
-	// This node's own fence holds the term too: an older leader's batches
-	// are refused here from now on.
+	// This node's own fence holds the term too, in memory and on disk: an
+	// older leader's batches, and any write of an older term still queued
+	// here, are refused from now on.
 	if err := c.fence.Admit(env); err != nil {
+		return 0, err
+	}
+	if err := c.persistFence(ctx, epoch); err != nil {
 		return 0, err
 	}
 	type answer struct {
@@ -281,43 +285,56 @@ func (c *Cluster) ReadStrong(ctx context.Context, key string) (storage.Entry, bo
 	}
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.ReadTimeout)
 	defer cancel()
-	env, version, err := c.readIndex(ctx, key)
-	if err != nil {
-		return storage.Entry{}, false, err
-	}
-	if err := c.admit(env); err != nil {
-		return storage.Entry{}, false, err
-	}
-	var want storage.Version
-	if version != "" {
-		v, err := storage.ParseVersion(version)
+	for {
+		env, version, err := c.readIndex(ctx, key)
 		if err != nil {
-			return storage.Entry{}, false, fmt.Errorf("read index from %s: %w", env.Leader, err)
+			return storage.Entry{}, false, err
 		}
-		want = v
+		if err := c.admit(env); err != nil {
+			return storage.Entry{}, false, err
+		}
+		var want storage.Version
+		if version != "" {
+			if want, err = storage.ParseVersion(version); err != nil {
+				return storage.Entry{}, false, fmt.Errorf("read index from %s: %w", env.Leader, err)
+			}
+		}
+		e, found, newer, err := c.awaitVersion(ctx, key, want)
+		switch {
+		case err != nil:
+			return e, false, fmt.Errorf("%w (read index %q from %s)", err, version, env.Leader)
+		case !newer:
+			return e, found, nil
+		case e.Version.Epoch != env.Epoch:
+			// An older term's version the leader never adopted: an
+			// unacknowledged write of a deposed leader.
+			return e, false, fmt.Errorf("%w: %q is at %s here, the leader has %q", ErrDiverged, key, e.Version, version)
+		}
+		// A newer write of this leader reached this replica after the read
+		// index (entries leave before the leader's own fsync): ask again;
+		// the leader answers once that write has committed.
 	}
+}
+
+// awaitVersion waits until this replica holds key at version want (zero:
+// absent) and returns the entry, or reports newer when it holds a version
+// past want.
+func (c *Cluster) awaitVersion(ctx context.Context, key string, want storage.Version) (e storage.Entry, found, newer bool, err error) {
 	for {
 		changed := c.cfg.Local.Changed()
-		e, found, err := c.cfg.Local.Lookup(key)
-		if err != nil {
-			return e, false, err
-		}
+		e, found, err = c.cfg.Local.Lookup(key)
 		switch {
-		case !found && want.IsZero():
-			return e, false, nil
-		case found && e.Version == want:
-			return e, true, nil
-		case found && want.Less(e.Version) && e.Version.Epoch == env.Epoch:
-			// A newer write of the same leader reached this replica after
-			// the read index: it is on two members already, so it stays.
-			return e, true, nil
+		case err != nil:
+			return e, false, false, err
+		case !found && want.IsZero(), found && e.Version == want:
+			return e, found, false, nil
 		case found && want.Less(e.Version):
-			return e, false, fmt.Errorf("%w: %q is at %s here, the leader has %q", ErrDiverged, key, e.Version, version)
+			return e, true, true, nil
 		}
 		select {
 		case <-changed:
 		case <-ctx.Done():
-			return e, false, fmt.Errorf("%w: this replica has not applied %s of %q yet", ErrReadTimeout, version, key)
+			return e, false, false, fmt.Errorf("%w: this replica has not applied %s of %q yet", ErrReadTimeout, want, key)
 		}
 	}
 }
@@ -338,6 +355,10 @@ type indexWait struct {
 func (c *Cluster) readIndex(ctx context.Context, key string) (Envelope, string, error) {
 	w := &indexWait{key: key, done: make(chan struct{})}
 	c.riMu.Lock()
+	if c.ctx.Err() != nil {
+		c.riMu.Unlock()
+		return Envelope{}, "", fmt.Errorf("%w: shutting down", ErrReadTimeout)
+	}
 	c.riQueue = append(c.riQueue, w)
 	if !c.riBusy {
 		c.riBusy = true
