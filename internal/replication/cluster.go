@@ -82,7 +82,9 @@ type Local interface {
 	Applier
 	Digests() []uint64
 	PartitionEntries(parts []int) ([]storage.Entry, error)
+	PartitionVersions(parts []int) ([]storage.Entry, error)
 	Lookup(key string) (storage.Entry, bool, error)
+	LookupMany(keys []string) ([]storage.Entry, error)
 	Changed() <-chan struct{}
 }
 
@@ -106,9 +108,13 @@ type ClusterConfig struct {
 	// HeartbeatInterval is how often the leader tells every member it is
 	// alive (their stale reads report the time since). Default 500ms.
 	HeartbeatInterval time.Duration
-	// RepairInterval is how often a follower compares its partitions with
-	// the leader's and pulls what differs. Default 2s.
+	// RepairInterval is how often a follower checks whether it needs a
+	// repair pass: after it starts, after a leader or member-set change,
+	// and when the leader says entries for it were dropped. Default 2s.
 	RepairInterval time.Duration
+	// AntiEntropyInterval is how often a follower runs a repair pass with
+	// no reason to: the safety net. Default 1m.
+	AntiEntropyInterval time.Duration
 	// ReadTimeout bounds how long a strong read waits for a write in flight
 	// or for this replica to apply the leader's version. Default 5s.
 	ReadTimeout time.Duration
@@ -151,6 +157,11 @@ type Cluster struct {
 	riQueue []*indexWait
 	riBusy  bool
 
+	// repairWanted asks the follower's repair loop for a pass: set at
+	// start, on a member-set change, and when the leader reports dropped
+	// entries.
+	repairWanted atomic.Bool
+
 	lastContact atomic.Int64 // unix nanos of the last admitted leader message
 	lastRepair  atomic.Int64 // unix nanos of the last repair round that matched the leader
 
@@ -189,6 +200,9 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 	if cfg.RepairInterval <= 0 {
 		cfg.RepairInterval = 2 * time.Second
 	}
+	if cfg.AntiEntropyInterval <= 0 {
+		cfg.AntiEntropyInterval = time.Minute
+	}
 	if cfg.ReadTimeout <= 0 {
 		cfg.ReadTimeout = 5 * time.Second
 	}
@@ -214,6 +228,7 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 		},
 	}
 	c.inflight.Store(newInflightSet())
+	c.repairWanted.Store(true)
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	repl, err := NewReplicator(ReplicatorConfig{
 		Self:     cfg.Self,
@@ -295,6 +310,7 @@ func (c *Cluster) SetMembers(members []string) error {
 	}
 	if now := c.members(); !slices.Equal(old, now) {
 		c.log.Info("members changed; partitions move to their new owners by repair", "from", old, "to", now, "member", slices.Contains(now, c.cfg.Self))
+		c.repairWanted.Store(true)
 	}
 	return nil
 }
@@ -480,6 +496,9 @@ func (c *Cluster) admitted(env Envelope) {
 	if env.Leader != c.cfg.Self {
 		c.cfg.Leadership.ObserveEpoch(env.Epoch)
 		c.lastContact.Store(nowNano())
+		if env.Repair {
+			c.repairWanted.Store(true)
+		}
 	}
 }
 

@@ -15,6 +15,10 @@ type Envelope struct {
 	Epoch uint64 `json:"epoch"`
 	// Leader is the sender's identity.
 	Leader string `json:"leader"`
+	// Repair, on a leader's heartbeat, tells the follower that entries for
+	// it were dropped (its queue overflowed) and it should run a repair
+	// pass. Not part of the fence.
+	Repair bool `json:"repair,omitempty"`
 }
 
 // ErrStaleEpoch means a message came from an older term than one this node

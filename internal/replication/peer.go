@@ -32,6 +32,10 @@ const (
 type syncRequest struct {
 	Envelope   *Envelope `json:"envelope,omitempty"`
 	Partitions []int     `json:"partitions,omitempty"`
+	// VersionsOnly asks for the partitions' keys and versions without
+	// values; Keys asks for exactly these keys, values included.
+	VersionsOnly bool     `json:"versions_only,omitempty"`
+	Keys         []string `json:"keys,omitempty"`
 }
 
 type digestsReply struct {
@@ -140,7 +144,16 @@ func (c *Cluster) serveEntries(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	entries, err := c.cfg.Local.PartitionEntries(req.Partitions)
+	var entries []storage.Entry
+	var err error
+	switch {
+	case len(req.Keys) > 0:
+		entries, err = c.cfg.Local.LookupMany(req.Keys)
+	case req.VersionsOnly:
+		entries, err = c.cfg.Local.PartitionVersions(req.Partitions)
+	default:
+		entries, err = c.cfg.Local.PartitionEntries(req.Partitions)
+	}
 	if err != nil {
 		c.peerFail(w, http.StatusBadRequest, "invalid_request", err)
 		return
@@ -239,20 +252,51 @@ func (e *peerCallError) Unwrap() error {
 	return nil
 }
 
-// fetchEntries pulls the given partitions' entries from a peer, a chunk of
-// partitions per call so no reply grows without bound, and applies them
-// here (newer versions win) in term epoch. It returns how many entries
-// changed this node.
-func (c *Cluster) fetchEntries(ctx context.Context, from string, env *Envelope, epoch uint64, parts []int) (int, error) {
-	const chunk = 32
+// fetchNewer brings this node level with a peer on the given partitions:
+// it asks for their keys and versions first (no values), then for the
+// values of exactly the keys the peer holds newer, and applies them here in
+// term epoch (newer versions win). Steady-state differences, a few keys in
+// flight, thus cost a few keys, not whole partitions. It returns how many
+// entries changed this node.
+func (c *Cluster) fetchNewer(ctx context.Context, from string, env *Envelope, epoch uint64, parts []int) (int, error) {
+	var versions entriesReply
+	if err := c.call(ctx, from, http.MethodPost, EntriesPath, nil, syncRequest{Envelope: env, Partitions: parts, VersionsOnly: true}, &versions); err != nil {
+		return 0, err
+	}
+	var want []string
+	const chunk = 1024
+	for i := 0; i < len(versions.Entries); i += chunk {
+		batch := versions.Entries[i:min(i+chunk, len(versions.Entries))]
+		keys := make([]string, len(batch))
+		for j, we := range batch {
+			keys[j] = we.Key
+		}
+		local, err := c.cfg.Local.LookupMany(keys)
+		if err != nil {
+			return 0, err
+		}
+		have := make(map[string]storage.Version, len(local))
+		for _, e := range local {
+			have[e.Key] = e.Version
+		}
+		for _, we := range batch {
+			v, err := storage.ParseVersion(we.Version)
+			if err != nil {
+				return 0, fmt.Errorf("versions from %s: %w", from, err)
+			}
+			if cur, ok := have[we.Key]; !ok || cur.Less(v) {
+				want = append(want, we.Key)
+			}
+		}
+	}
 	applied := 0
-	for len(parts) > 0 {
-		n := min(chunk, len(parts))
+	for len(want) > 0 {
+		n := min(chunk, len(want))
 		var reply entriesReply
-		if err := c.call(ctx, from, http.MethodPost, EntriesPath, nil, syncRequest{Envelope: env, Partitions: parts[:n]}, &reply); err != nil {
+		if err := c.call(ctx, from, http.MethodPost, EntriesPath, nil, syncRequest{Envelope: env, Keys: want[:n]}, &reply); err != nil {
 			return applied, err
 		}
-		parts = parts[n:]
+		want = want[n:]
 		entries := make([]storage.Entry, 0, len(reply.Entries))
 		for _, we := range reply.Entries {
 			e, err := fromWire(we)

@@ -16,8 +16,8 @@ type Status struct {
 	CaughtUpEpoch uint64 `json:"caught_up_epoch,omitempty"`
 	// LastContactMs is the time since this node heard from a leader.
 	LastContactMs int64 `json:"last_contact_ms"`
-	// LastRepair is when this node last found its partitions equal to the
-	// leader's (follower).
+	// LastRepair is when this node last completed a repair pass against
+	// the leader (follower).
 	LastRepair *time.Time     `json:"last_repair,omitempty"`
 	Members    []MemberStatus `json:"members"`
 	Behind     []string       `json:"behind,omitempty"`
@@ -139,7 +139,7 @@ func newClusterMetrics(reg prometheus.Registerer, c *Cluster) *clusterMetrics {
 		}),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "store_replication_repair_lag_seconds",
-			Help: "Time since this follower last found its partitions equal to the leader's.",
+			Help: "Time since this follower last completed a repair pass against the leader.",
 		}, func() float64 {
 			if t := c.lastRepair.Load(); t != 0 {
 				return time.Since(time.Unix(0, t)).Seconds()

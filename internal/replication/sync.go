@@ -126,7 +126,7 @@ func (c *Cluster) catchUpOnce(ctx context.Context, epoch uint64) (int, error) {
 		if err != nil {
 			return adopted, err
 		}
-		n, err := c.fetchEntries(ctx, a.id, &env, epoch, parts)
+		n, err := c.fetchNewer(ctx, a.id, &env, epoch, parts)
 		adopted += n
 		if err != nil {
 			return adopted, fmt.Errorf("fetch from %s: %w", a.id, err)
@@ -154,8 +154,9 @@ func (c *Cluster) heartbeatLoop(ctx context.Context) {
 		if !open {
 			continue
 		}
-		env := Envelope{Epoch: epoch, Leader: c.cfg.Self}
+		behind := c.repl.Behind()
 		for _, id := range c.members() {
+			env := Envelope{Epoch: epoch, Leader: c.cfg.Self, Repair: slices.Contains(behind, id)}
 			if busy[id] == nil {
 				busy[id] = &sync.Mutex{}
 			}
@@ -179,15 +180,39 @@ func (c *Cluster) heartbeatLoop(ctx context.Context) {
 }
 
 // repairLoop: a follower compares the digests of the partitions it owns
-// with the leader's and pulls every partition that differs. This brings a
+// with the leader's and pulls what the leader has newer. This brings a
 // member that was down, paused, or newly made an owner up to date, without
 // depending on the leader's in-memory queues.
+//
+// A pass runs when there is a reason: this node started, the leader (or
+// its term) changed, the member set changed, or the leader said entries
+// for it were dropped; and otherwise every AntiEntropyInterval. Not every
+// round: under steady writes the digests always differ by the entries in
+// flight, and comparing whole partitions that often costs more than the
+// writes.
 func (c *Cluster) repairLoop(ctx context.Context) {
 	t := time.NewTicker(c.cfg.RepairInterval)
 	defer t.Stop()
+	var (
+		lastLeader string
+		lastEpoch  uint64
+		lastPass   time.Time
+	)
 	for {
-		if err := c.repairOnce(ctx); err != nil && ctx.Err() == nil {
-			c.log.Debug("repair round failed", "err", err)
+		leader, epoch := c.cfg.Leadership.Leader()
+		if leader != lastLeader || epoch != lastEpoch {
+			c.repairWanted.Store(true)
+		}
+		if c.repairWanted.Load() || time.Since(lastPass) >= c.cfg.AntiEntropyInterval {
+			c.repairWanted.Store(false)
+			err := c.repairOnce(ctx)
+			switch {
+			case err != nil && ctx.Err() == nil:
+				c.repairWanted.Store(true) // try again next round
+				c.log.Debug("repair pass failed", "err", err)
+			case err == nil:
+				lastLeader, lastEpoch, lastPass = leader, epoch, time.Now()
+			}
 		}
 		select {
 		case <-ctx.Done():
@@ -197,8 +222,8 @@ func (c *Cluster) repairLoop(ctx context.Context) {
 	}
 }
 
-// repairOnce runs one repair round against the current leader.
-func (c *Cluster) repairOnce(ctx context.Context) error {
+// repairOnce runs one repair pass against the current leader.
+func (c *Cluster) repairOnce(ctx context.Context) (err error) {
 	leader, _ := c.cfg.Leadership.Leader()
 	if leader == "" || leader == c.cfg.Self {
 		return nil
@@ -216,11 +241,15 @@ func (c *Cluster) repairOnce(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	defer func() {
+		if err == nil {
+			c.lastRepair.Store(nowNano())
+		}
+	}()
 	if len(parts) == 0 {
-		c.lastRepair.Store(nowNano())
 		return nil
 	}
-	n, err := c.fetchEntries(rctx, leader, nil, reply.Epoch, parts)
+	n, err := c.fetchNewer(rctx, leader, nil, reply.Epoch, parts)
 	c.m.repairedKeys.Add(float64(n))
 	c.m.repairedPartitions.Add(float64(len(parts)))
 	if err != nil {
@@ -229,9 +258,9 @@ func (c *Cluster) repairOnce(ctx context.Context) error {
 	if n > 0 {
 		c.log.Info("repaired partitions from the leader", "leader", leader, "partitions", len(parts), "entries", n)
 	} else {
-		// Nothing newer there: this replica holds versions the leader does
-		// not (an unacknowledged write of a deposed leader). Retried each
-		// round; harmless.
+		// Nothing newer there: the difference was entries still in flight
+		// to this node, or versions the leader does not hold (an
+		// unacknowledged write of a deposed leader). Harmless.
 		c.log.Debug("partitions differ from the leader's but nothing there is newer", "leader", leader, "partitions", len(parts))
 	}
 	return nil

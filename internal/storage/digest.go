@@ -155,3 +155,61 @@ func (db *DB) PartitionEntries(parts []int) ([]Entry, error) {
 	}
 	return out, nil
 }
+
+// PartitionVersions is PartitionEntries without the values: each entry's
+// key, version and tombstone flag, for comparing replicas cheaply.
+func (db *DB) PartitionVersions(parts []int) ([]Entry, error) {
+	if db.opts.Partitions == 0 {
+		return nil, fmt.Errorf("storage: partition versions: %w: the DB keeps no partitions", ErrInvalidMutation)
+	}
+	want := make([]bool, db.opts.Partitions)
+	for _, p := range parts {
+		if p < 0 || p >= len(want) {
+			return nil, fmt.Errorf("storage: partition versions: %w: partition %d outside [0, %d)", ErrInvalidMutation, p, len(want))
+		}
+		want[p] = true
+	}
+	var out []Entry
+	err := db.bolt.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketKV).ForEach(func(k, raw []byte) error {
+			if !want[db.partition(string(k))] {
+				return nil
+			}
+			v, deleted, ok := recordVersion(raw)
+			if !ok {
+				return fmt.Errorf("%w: key %q", ErrCorrupt, k)
+			}
+			out = append(out, Entry{Key: string(k), Version: v, Deleted: deleted})
+			return nil
+		})
+	})
+	if err != nil {
+		return nil, fmt.Errorf("storage: partition versions: %w", err)
+	}
+	return out, nil
+}
+
+// LookupMany is Lookup for many keys in one read transaction; keys never
+// written are left out.
+func (db *DB) LookupMany(keys []string) ([]Entry, error) {
+	out := make([]Entry, 0, len(keys))
+	err := db.bolt.View(func(tx *bolt.Tx) error {
+		kv := tx.Bucket(bucketKV)
+		for _, key := range keys {
+			raw := kv.Get([]byte(key))
+			if raw == nil {
+				continue
+			}
+			e, err := decodeRecord(key, raw)
+			if err != nil {
+				return err
+			}
+			out = append(out, e)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("storage: lookup many: %w", err)
+	}
+	return out, nil
+}
