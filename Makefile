@@ -74,6 +74,7 @@ bench-compare: controlplane
 	cd hack/etcdbench && $(GO) build -o ../../.bench/etcdbench .
 	$(GO) build -o .bench/storeload ./cmd/storeload
 	$(GO) build -o .bench/benchcompare ./hack/benchcompare
+	bash hack/cluster.sh down >/dev/null; rm -rf .cluster/data
 	bash hack/cluster.sh up >/dev/null
 	.bench/benchcompare -etcd "$$(bash hack/controlplane.sh --dir)/etcd" -rounds $${ROUNDS:-3}; rc=$$?; bash hack/cluster.sh down >/dev/null; exit $$rc
 

@@ -144,15 +144,17 @@ func run() error {
 	return nil
 }
 
-// waitForLeader polls /v1/status until every node names the same leader. A
-// cold start waits up to one lease duration (15s) plus a retry period.
+// waitForLeader polls /v1/status until every node names the same leader
+// and that leader accepts writes (role "leader": it has caught up with the
+// others' data). A cold start waits up to one lease duration (15s) plus a
+// retry period, plus the catch-up.
 func waitForLeader(ctx context.Context, nodes, port int) (string, error) {
 	client := &http.Client{Timeout: time.Second}
 	deadline := time.Now().Add(60 * time.Second)
 	for time.Now().Before(deadline) {
-		leader, agreed := "", true
+		leader, agreed, writable := "", true, false
 		for i := 1; i <= nodes; i++ {
-			var st struct{ Leader, Role string }
+			var st struct{ Node, Leader, Role string }
 			resp, err := client.Get(fmt.Sprintf("http://127.0.0.%d:%d/v1/status", i, port))
 			if err == nil {
 				err = json.NewDecoder(resp.Body).Decode(&st)
@@ -163,8 +165,9 @@ func waitForLeader(ctx context.Context, nodes, port int) (string, error) {
 				break
 			}
 			leader = st.Leader
+			writable = writable || (st.Node == st.Leader && st.Role == "leader")
 		}
-		if agreed {
+		if agreed && writable {
 			return leader, nil
 		}
 		select {
