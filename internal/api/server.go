@@ -57,9 +57,10 @@ type Config struct {
 	Registerer prometheus.Registerer
 	Gatherer   prometheus.Gatherer
 
-	// Leadership switches the node to cluster mode: writes (and, until
-	// replication lands, reads) are served by the leader and forwarded to it
-	// from other nodes. Nil means a single node that serves everything.
+	// Leadership switches the node to cluster mode: writes are served by
+	// the leader and forwarded to it from other nodes; so are reads, unless
+	// Replication serves them at the key's owners. Nil means a single node
+	// that serves everything.
 	Leadership Leadership
 	// PeerAddr maps a node identity to host:port; required with Leadership.
 	PeerAddr func(id string) (string, error)
@@ -393,9 +394,10 @@ func notFoundKey(err error, key string) error {
 }
 
 // servesReads reports whether this node answers a read from its own data:
-// always as a single node; in cluster mode, until replication gives
-// followers the data, only the leader does, and other nodes hand the read
-// to it (having then written the response).
+// always as a single node; in cluster mode without Replication (and for
+// listings, which the leader answers from its complete copy) only the
+// leader does, and other nodes hand the read to it (having then written the
+// response).
 func (s *Server) servesReads(w http.ResponseWriter, r *http.Request) bool {
 	if s.cfg.Leadership == nil {
 		return true
