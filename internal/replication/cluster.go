@@ -122,6 +122,9 @@ type ClusterConfig struct {
 	// non-owners take a copy in place of owners that do not answer.
 	// Default 500ms.
 	StandInAfter time.Duration
+	// QueueLen caps the entries waiting for one follower; past it the
+	// follower misses entries and is told to repair. Default 65536.
+	QueueLen int
 	Logger       *slog.Logger
 	Registerer   prometheus.Registerer
 }
@@ -240,6 +243,7 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 		Active:   c.leads,
 		OnResult: c.noteResult,
 		Client:   c.client,
+		QueueLen: cfg.QueueLen,
 		Logger:   cfg.Logger,
 	})
 	if err != nil {

@@ -64,6 +64,13 @@ type testNode struct {
 // node-1 in term 1.
 func newTestCluster(t *testing.T, n, r int) []*testNode {
 	t.Helper()
+	return newTestClusterWith(t, n, r, func(*ClusterConfig) {})
+}
+
+// newTestClusterWith is newTestCluster with a hook to adjust each member's
+// configuration.
+func newTestClusterWith(t *testing.T, n, r int, adjust func(*ClusterConfig)) []*testNode {
+	t.Helper()
 	var members []string
 	for i := 1; i <= n; i++ {
 		members = append(members, fmt.Sprintf("node-%d", i))
@@ -91,11 +98,13 @@ func newTestCluster(t *testing.T, n, r int) []*testNode {
 		}
 		nd := &testNode{id: id, db: db, lead: &fakeLead{self: id}}
 		nd.lead.set(members[0], 1)
-		nd.c, err = NewCluster(ClusterConfig{
+		cfg := ClusterConfig{
 			Self: id, Members: members, ReplicationFactor: r, Ring: ring, Local: db, Leadership: nd.lead,
 			PeerAddr: peerAddr, Token: "tok", HeartbeatInterval: 50 * time.Millisecond,
 			RepairInterval: 100 * time.Millisecond, ReadTimeout: 2 * time.Second,
-		})
+		}
+		adjust(&cfg)
+		nd.c, err = NewCluster(cfg)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -301,6 +310,52 @@ func TestCluster_HandOff_BringsMembersLevel(t *testing.T) {
 			if got, found, _ := byID(nodes, o).db.Lookup(key); !found || got.Version != want.Version {
 				t.Fatalf("after hand-off owner %s has %s at %+v (found %v), want %s", o, key, got.Version, found, want.Version)
 			}
+		}
+	}
+}
+
+// A follower whose queue at the leader overflowed missed entries that no
+// queue will bring: the leader's heartbeat tells it to repair, and it pulls
+// them, with no periodic anti-entropy pass in between.
+func TestCluster_QueueOverflow_HeartbeatAsksForRepair(t *testing.T) {
+	nodes := newTestClusterWith(t, 2, 2, func(c *ClusterConfig) {
+		c.QueueLen = 4
+		c.AntiEntropyInterval = time.Hour
+	})
+	leader, follower := nodes[0], nodes[1]
+	awaitGate(t, leader)
+	// Let the follower finish its start-up repair pass first, so only the
+	// heartbeat's request can trigger the next one.
+	deadline := time.Now().Add(5 * time.Second)
+	for follower.c.repairWanted.Load() || follower.c.lastRepair.Load() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("follower never finished its start-up repair pass")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	follower.down.Store(true)
+	var keys []string
+	for i := range 40 {
+		key := fmt.Sprintf("o%d", i)
+		put(t, leader, AckLeader, key, fmt.Sprint(i)) // ack=leader: no follower needed
+		keys = append(keys, key)
+	}
+	if !slices.Contains(leader.c.repl.Behind(), follower.id) {
+		t.Fatalf("40 entries into a queue of 4: follower not marked behind (%v)", leader.c.repl.Behind())
+	}
+	follower.down.Store(false)
+	deadline = time.Now().Add(10 * time.Second)
+	for _, key := range keys {
+		want, _, _ := leader.db.Lookup(key)
+		for {
+			got, found, _ := follower.db.Lookup(key)
+			if found && got.Version == want.Version {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("follower never got %s back (has %+v, found %v)", key, got.Version, found)
+			}
+			time.Sleep(10 * time.Millisecond)
 		}
 	}
 }

@@ -252,8 +252,9 @@ func (r *Replicator) Queued() map[string]int {
 	return out
 }
 
-// Behind lists followers whose queue overflowed and has not drained since:
-// they missed entries, which their own repair pulls from the leader.
+// Behind lists followers whose queue overflowed: they missed entries, which
+// only their own repair brings back. Each stays listed until ClearBehind
+// (the leader has told it to repair).
 func (r *Replicator) Behind() []string {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -264,6 +265,15 @@ func (r *Replicator) Behind() []string {
 		}
 	}
 	return out
+}
+
+// ClearBehind takes id off the Behind list.
+func (r *Replicator) ClearBehind(id string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if p, ok := r.peers[id]; ok {
+		p.behind.Store(false)
+	}
 }
 
 // peer is one follower's queue and sender.
@@ -386,11 +396,6 @@ func (p *peer) deliver(batch []*Pending) {
 		case err == nil && status == http.StatusOK:
 			for _, e := range batch {
 				e.ack()
-			}
-			if len(p.queue) == 0 {
-				// Caught up with the queue; what overflowed earlier is the
-				// follower's repair's to fetch.
-				p.behind.Store(false)
 			}
 			return
 		case err == nil && status == http.StatusConflict:

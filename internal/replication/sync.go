@@ -170,6 +170,11 @@ func (c *Cluster) heartbeatLoop(ctx context.Context) {
 				defer cancel()
 				var reply batchReply
 				err := c.call(hctx, id, http.MethodPost, ReplicatePath, nil, batchRequest{Envelope: env, Entries: []wireEntry{}}, &reply)
+				if err == nil && env.Repair {
+					// The follower has been told; its repair pass fetches
+					// what its queue dropped.
+					c.repl.ClearBehind(id)
+				}
 				var pe *peerCallError
 				if errors.As(err, &pe) && errors.Is(err, storage.ErrStaleEpoch) {
 					c.cfg.Leadership.ObserveEpoch(pe.Fence)
