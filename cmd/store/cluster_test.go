@@ -228,6 +228,11 @@ func (c *cluster) followerOf(leader string) string {
 	return ""
 }
 
+// except returns the node identities other than id, sorted.
+func (c *cluster) except(id string) []string {
+	return slices.DeleteFunc(c.ids(), func(x string) bool { return x == id })
+}
+
 // ids returns the node identities, sorted.
 func (c *cluster) ids() []string {
 	var out []string
@@ -491,12 +496,7 @@ func longestGap(acks []ack, since time.Time) time.Duration {
 func TestCluster_SIGKILLLeader_NewLeaderWithinLeasePlusRetry_AckedWritesReadable(t *testing.T) {
 	c := startCluster(t, 3)
 	leader := c.leader(30 * time.Second)
-	var survivors []string
-	for id := range c.nodes {
-		if id != leader {
-			survivors = append(survivors, id)
-		}
-	}
+	survivors := c.except(leader)
 	w := c.startWriter(func() []string { return survivors })
 	waitFor(t, 30*time.Second, "steady writes", func() bool { return w.count() >= 20 })
 	killedAt := time.Now()
@@ -544,12 +544,7 @@ func TestCluster_SIGTERMLeader_HandsOverWithinAboutARetryPeriod(t *testing.T) {
 	var gaps []time.Duration
 	for round := range 5 {
 		leader := c.leader(30 * time.Second)
-		var others []string
-		for id := range c.nodes {
-			if id != leader {
-				others = append(others, id)
-			}
-		}
+		others := c.except(leader)
 		c.awaitLeaderKnown(leader, others...)
 		w := c.startWriter(func() []string { return others })
 		waitFor(t, 30*time.Second, "steady writes", func() bool { return w.count() >= 10 })
@@ -581,12 +576,7 @@ func TestCluster_SIGTERMLeader_HandsOverWithinAboutARetryPeriod(t *testing.T) {
 func TestCluster_SIGSTOPLeader_NoAckAfterGateClosed_RejoinsAsFollower_Fenced(t *testing.T) {
 	c := startCluster(t, 3)
 	old := c.leader(30 * time.Second)
-	var others []string
-	for id := range c.nodes {
-		if id != old {
-			others = append(others, id)
-		}
-	}
+	others := c.except(old)
 	c.awaitLeaderKnown(old, others...)
 	if code, _, err := c.write(shortClient, old, "fenced", `"old"`); err != nil || code/100 != 2 {
 		t.Fatalf("write before the pause: %d %v", code, err)
@@ -930,6 +920,34 @@ func TestCluster_SingleEntryPoint_LikePortForward(t *testing.T) {
 	if code, _, body := do("PUT", "/v1/kv/pf/bad", `{`); code != 400 || !strings.Contains(body, "invalid_json") {
 		t.Fatalf("bad JSON: %d %s", code, body)
 	}
+	// A read of a key the entry node does not own is served by an owner
+	// (proxied), or redirected to one with ?redirect=true.
+	ring := c.ring(t)
+	var foreign string
+	for i := 1; i < 20 && foreign == ""; i++ { // pf/00 was deleted above
+		if k := fmt.Sprintf("pf/%02d", i); !slices.Contains(must(ring.Owners(k, 2)), entry) {
+			foreign = k
+		}
+	}
+	if foreign == "" {
+		t.Fatal("the entry node owns every pf/ key")
+	}
+	owners := must(ring.Owners(foreign, 2))
+	if code, h, _ := do("GET", "/v1/kv/"+foreign, ""); code != 200 || !slices.Contains(owners, h.Get("X-Store-Served-By")) {
+		t.Fatalf("GET %s via non-owner %s: %d, served by %q, owners %v", foreign, entry, code, h.Get("X-Store-Served-By"), owners)
+	}
+	noRedirect := &http.Client{Timeout: 10 * time.Second, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	resp, err := noRedirect.Get(base + "/v1/kv/" + foreign + "?redirect=true")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	loc := resp.Header.Get("Location")
+	if resp.StatusCode != http.StatusTemporaryRedirect || !slices.ContainsFunc(owners, func(o string) bool {
+		return loc == "http://"+c.addr(o)+"/v1/kv/"+foreign+"?redirect=true"
+	}) {
+		t.Fatalf("GET %s?redirect=true: %d Location %q, want 307 to one of %v", foreign, resp.StatusCode, loc, owners)
+	}
 	// Values come back byte for byte, whichever replica answers.
 	const exact = "{ \"a\" : [1, 2,  3],\n  \"h\": \"<&>\" }"
 	if code, _, body := do("PUT", "/v1/kv/pf/exact", exact); code != 201 {
@@ -951,4 +969,12 @@ func TestCluster_SingleEntryPoint_LikePortForward(t *testing.T) {
 			})
 		}
 	}
+}
+
+// must returns v, panicking on err: for calls a test cannot get wrong.
+func must[T any](v T, err error) T {
+	if err != nil {
+		panic(err)
+	}
+	return v
 }

@@ -137,12 +137,7 @@ func TestLinearizable_StrongReadsAndWrites_LeaderKilled_FollowerPaused(t *testin
 			t.Fatal(err)
 		}
 		<-c.nodes[leader].done
-		var rest []string
-		for _, id := range c.ids() {
-			if id != leader {
-				rest = append(rest, id)
-			}
-		}
+		rest := c.except(leader)
 		next := c.leader(testLease+15*time.Second, rest...)
 		paused := rest[0]
 		if paused == next {

@@ -134,7 +134,7 @@ func TestReplication_10kKeys_OnTheirOwners_OwnerKilled_Converges(t *testing.T) {
 	// Each key is on exactly its owners among the followers, at the
 	// acknowledged version; the leader keeps every key (it persists every
 	// write and is the source of repair).
-	followers := slices.DeleteFunc(c.ids(), func(id string) bool { return id == leader })
+	followers := c.except(leader)
 	var misplaced []string
 	everyone := append(slices.Clone(followers), leader)
 	parallel(n, 16, func(i int) {

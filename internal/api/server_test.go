@@ -384,3 +384,39 @@ func TestServer_Put_AfterStorageClosedIs503(t *testing.T) {
 		t.Fatalf("PUT after close = %d %s", r.status, r.body)
 	}
 }
+
+// ack=, consistency= and max_stale= are validated before anything happens,
+// on a single node too; a refused write changes nothing.
+func TestServer_AckAndConsistencyParameters(t *testing.T) {
+	n := newTestNode(t, 0)
+	before := n.snapshot()
+	for _, tc := range []struct{ method, path, body string }{
+		{"PUT", "/v1/kv/p?ack=most", `1`},
+		{"DELETE", "/v1/kv/p?ack=", ""}, // empty means the default: accepted below, 404 here
+		{"GET", "/v1/kv/p?consistency=eventual", ""},
+		{"GET", "/v1/kv/p?max_stale=2s", ""},
+		{"GET", "/v1/kv/p?consistency=stale&max_stale=soon", ""},
+	} {
+		r := n.do(tc.method, tc.path, tc.body)
+		want := "invalid_parameter"
+		if tc.method == "DELETE" {
+			want = "key_not_found"
+		}
+		if r.status/100 != 4 || errorCode(t, r.body) != want {
+			t.Errorf("%s %s: %d %s, want %s", tc.method, tc.path, r.status, r.body, want)
+		}
+	}
+	if diff := cmp.Diff(before, n.snapshot()); diff != "" {
+		t.Fatalf("refused requests changed the store (-before +after):\n%s", diff)
+	}
+	for _, ack := range []string{"leader", "quorum", "all"} {
+		if r := n.do("PUT", "/v1/kv/p?ack="+ack, `1`); r.status/100 != 2 {
+			t.Fatalf("ack=%s on a single node: %d %s", ack, r.status, r.body)
+		}
+	}
+	for _, q := range []string{"consistency=strong", "consistency=stale", "consistency=stale&max_stale=1s"} {
+		if r := n.do("GET", "/v1/kv/p?"+q, ""); r.status != 200 || r.body != "1" {
+			t.Fatalf("GET ?%s on a single node: %d %s", q, r.status, r.body)
+		}
+	}
+}

@@ -124,9 +124,9 @@ type ClusterConfig struct {
 	StandInAfter time.Duration
 	// QueueLen caps the entries waiting for one follower; past it the
 	// follower misses entries and is told to repair. Default 65536.
-	QueueLen int
-	Logger       *slog.Logger
-	Registerer   prometheus.Registerer
+	QueueLen   int
+	Logger     *slog.Logger
+	Registerer prometheus.Registerer
 }
 
 // Cluster is one node's part in replication: as leader it replicates each

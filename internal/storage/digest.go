@@ -126,13 +126,23 @@ func (db *DB) Lookup(key string) (e Entry, found bool, err error) {
 // partitions, in key order. It reads the whole file once, so callers ask
 // for many partitions at a time rather than one by one.
 func (db *DB) PartitionEntries(parts []int) ([]Entry, error) {
+	return db.scanPartitions(parts, true)
+}
+
+// PartitionVersions is PartitionEntries without the values: each entry's
+// key, version and tombstone flag, for comparing replicas cheaply.
+func (db *DB) PartitionVersions(parts []int) ([]Entry, error) {
+	return db.scanPartitions(parts, false)
+}
+
+func (db *DB) scanPartitions(parts []int, values bool) ([]Entry, error) {
 	if db.opts.Partitions == 0 {
-		return nil, fmt.Errorf("storage: partition entries: %w: the DB keeps no partitions", ErrInvalidMutation)
+		return nil, fmt.Errorf("storage: partition scan: %w: the DB keeps no partitions", ErrInvalidMutation)
 	}
 	want := make([]bool, db.opts.Partitions)
 	for _, p := range parts {
 		if p < 0 || p >= len(want) {
-			return nil, fmt.Errorf("storage: partition entries: %w: partition %d outside [0, %d)", ErrInvalidMutation, p, len(want))
+			return nil, fmt.Errorf("storage: partition scan: %w: partition %d outside [0, %d)", ErrInvalidMutation, p, len(want))
 		}
 		want[p] = true
 	}
@@ -142,37 +152,12 @@ func (db *DB) PartitionEntries(parts []int) ([]Entry, error) {
 			if !want[db.partition(string(k))] {
 				return nil
 			}
-			e, err := decodeRecord(string(k), raw)
-			if err != nil {
-				return err
-			}
-			out = append(out, e)
-			return nil
-		})
-	})
-	if err != nil {
-		return nil, fmt.Errorf("storage: partition entries: %w", err)
-	}
-	return out, nil
-}
-
-// PartitionVersions is PartitionEntries without the values: each entry's
-// key, version and tombstone flag, for comparing replicas cheaply.
-func (db *DB) PartitionVersions(parts []int) ([]Entry, error) {
-	if db.opts.Partitions == 0 {
-		return nil, fmt.Errorf("storage: partition versions: %w: the DB keeps no partitions", ErrInvalidMutation)
-	}
-	want := make([]bool, db.opts.Partitions)
-	for _, p := range parts {
-		if p < 0 || p >= len(want) {
-			return nil, fmt.Errorf("storage: partition versions: %w: partition %d outside [0, %d)", ErrInvalidMutation, p, len(want))
-		}
-		want[p] = true
-	}
-	var out []Entry
-	err := db.bolt.View(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketKV).ForEach(func(k, raw []byte) error {
-			if !want[db.partition(string(k))] {
+			if values {
+				e, err := decodeRecord(string(k), raw)
+				if err != nil {
+					return err
+				}
+				out = append(out, e)
 				return nil
 			}
 			v, deleted, ok := recordVersion(raw)
@@ -184,7 +169,7 @@ func (db *DB) PartitionVersions(parts []int) ([]Entry, error) {
 		})
 	})
 	if err != nil {
-		return nil, fmt.Errorf("storage: partition versions: %w", err)
+		return nil, fmt.Errorf("storage: partition scan: %w", err)
 	}
 	return out, nil
 }
