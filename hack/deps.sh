@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Keeps imports pointing one way (see ../shared/STYLE.md):
 #   cmd/* → internal/api → internal/replication → internal/storage
-#   internal/election and internal/membership import no other package of ours
+#   internal/election, internal/membership and internal/peerhttp import no other package of ours
 #   nothing imports internal/api except cmd/*, hack/*; nothing imports cmd/*
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -16,7 +16,8 @@ while read -r pkg imports; do
 		$mod/internal/replication) [[ $imp == $mod/internal/storage ]] || rule="replication imports only storage" ;;
 		$mod/internal/election) rule="election imports nothing of ours" ;;
 		$mod/internal/membership) rule="membership imports nothing of ours" ;;
-		$mod/internal/api) [[ $imp == $mod/internal/storage || $imp == $mod/internal/replication ]] || rule="api imports only replication and storage" ;;
+		$mod/internal/peerhttp) rule="peerhttp imports nothing of ours" ;;
+		$mod/internal/api) [[ $imp == $mod/internal/storage || $imp == $mod/internal/replication || $imp == $mod/internal/peerhttp ]] || rule="api imports only replication, peerhttp and storage" ;;
 		esac
 		[[ $imp == $mod/cmd/* ]] && rule="nothing imports cmd/"
 		[[ -n $rule ]] && { echo "deps: $pkg imports $imp: $rule" >&2; fail=1; }

@@ -330,6 +330,11 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 		log.Warn("HTTP drain did not finish; closing connections", "err", err)
 		_ = httpSrv.Close()
 	}
+	// Requests peers forwarded over their multiplexed connections are not
+	// HTTP connections the server tracks; they drain here.
+	if err := srv.Shutdown(drainCtx); err != nil {
+		log.Warn("peer connections did not drain; closed them", "err", err)
+	}
 	if elector != nil {
 		// No write is in flight any more. A leader first brings the other
 		// members level with its data, so its successor finds every write

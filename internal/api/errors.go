@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 
+	"github.com/statefulkv/store/internal/peerhttp"
 	"github.com/statefulkv/store/internal/storage"
 )
 
@@ -41,12 +42,15 @@ var errorTable = []struct {
 	{errInvalidRequestID, http.StatusBadRequest, "invalid_request_id"},
 	{errPeerAuth, http.StatusUnauthorized, "peer_unauthenticated"},
 	{errRouteNotFound, http.StatusNotFound, "route_not_found"},
+	{peerhttp.ErrNotUpgrade, http.StatusUpgradeRequired, "upgrade_required"},
+	{peerhttp.ErrCannotTakeOver, http.StatusNotImplemented, "upgrade_unsupported"},
 	{storage.ErrNotFound, http.StatusNotFound, "key_not_found"},
 	{errMethodNotAllowed, http.StatusMethodNotAllowed, "method_not_allowed"},
 	{storage.ErrConditionFailed, http.StatusPreconditionFailed, "condition_failed"},
 	{errValueTooLarge, http.StatusRequestEntityTooLarge, "value_too_large"},
 	{errUnsupportedMedia, http.StatusUnsupportedMediaType, "unsupported_media_type"},
 	{errNotReady, http.StatusServiceUnavailable, "not_ready"},
+	{peerhttp.ErrServerClosed, http.StatusServiceUnavailable, "shutting_down"},
 	{errTooStale, http.StatusServiceUnavailable, "too_stale"},
 	{errReadUnconfirmed, http.StatusServiceUnavailable, "read_unconfirmed"},
 	{errNotLeader, http.StatusServiceUnavailable, "not_leader"},

@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-retryablehttp"
+
+	"github.com/statefulkv/store/internal/peerhttp"
 )
 
 // Headers of the write-routing protocol.
@@ -81,14 +83,24 @@ type forwardStateKey struct{}
 // the leader deduplicates on; they stop when the request's context ends.
 func (s *Server) newForwarder() *retryablehttp.Client {
 	c := retryablehttp.NewClient()
-	c.HTTPClient = &http.Client{
-		Transport: &http.Transport{
+	// Requests travel over one multiplexed connection per peer: the
+	// follower→leader hop was where a write through a follower spent its
+	// extra CPU (system calls and net/http's per-request machinery).
+	// Peers of an older version, without the endpoint, get plain HTTP.
+	s.peerTransport = &peerhttp.Transport{
+		Path:   PeerStreamPath,
+		Header: http.Header{HeaderPeerToken: {s.cfg.PeerToken}},
+		Fallback: &http.Transport{
 			Proxy:               nil, // peers are never reached through a proxy
 			DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
 			MaxIdleConns:        256,
 			MaxIdleConnsPerHost: 256,
 			IdleConnTimeout:     90 * time.Second,
 		},
+		DialTimeout: 2 * time.Second,
+	}
+	c.HTTPClient = &http.Client{
+		Transport: s.peerTransport,
 		// One attempt may not take longer than this; the whole forward is
 		// bounded by ForwardTimeout through the request context.
 		Timeout: s.cfg.ForwardTimeout,
@@ -347,6 +359,9 @@ const (
 	// LeaderPath: a node that has just become leader tells its peers, so
 	// they forward to it at once instead of after their next Lease poll.
 	LeaderPath = "/internal/v1/leader"
+	// PeerStreamPath upgrades to the connection over which a node sends
+	// the requests it forwards to this one (internal/peerhttp).
+	PeerStreamPath = "/internal/v1/peer-stream"
 )
 
 func (s *Server) leaseReleased(w http.ResponseWriter, _ *http.Request) {

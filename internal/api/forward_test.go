@@ -2,6 +2,8 @@ package api
 
 import (
 	"context"
+	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -11,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/statefulkv/store/internal/peerhttp"
 	"github.com/statefulkv/store/internal/storage"
 )
 
@@ -208,23 +211,103 @@ func TestForward_LeaderUnreachable_503NothingApplied(t *testing.T) {
 }
 
 func TestForward_LeaderHangs_504OutcomeUnknown(t *testing.T) {
-	release := make(chan struct{})
-	p := newPair(t, func(http.Handler) http.Handler {
-		return http.HandlerFunc(func(http.ResponseWriter, *http.Request) { <-release })
-	})
-	defer close(release)
-	r := p.follower.do("PUT", "/v1/kv/a", `1`)
-	if r.status != 504 || errorCode(t, r.body) != "outcome_unknown" {
-		t.Fatalf("hung leader: %d %s", r.status, r.body)
+	for _, tc := range []struct {
+		name string
+		wrap func(release <-chan struct{}) func(http.Handler) http.Handler
+	}{
+		// The leader accepted the peer connection and then stopped
+		// answering (paused): the write went out over it.
+		{"peer stream", func(release <-chan struct{}) func(http.Handler) http.Handler {
+			return func(http.Handler) http.Handler {
+				return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					conn, _, err := w.(http.Hijacker).Hijack()
+					if err != nil {
+						return
+					}
+					defer conn.Close()
+					_, _ = io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: "+peerhttp.Protocol+"\r\n\r\n")
+					go func() { _, _ = io.Copy(io.Discard, conn) }()
+					<-release
+				})
+			}
+		}},
+		// A leader without peer streams takes the request and hangs.
+		{"plain HTTP", func(release <-chan struct{}) func(http.Handler) http.Handler {
+			return func(http.Handler) http.Handler {
+				return refuseStreams(http.HandlerFunc(func(http.ResponseWriter, *http.Request) { <-release }))
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			release := make(chan struct{})
+			p := newPair(t, tc.wrap(release))
+			defer close(release)
+			r := p.follower.do("PUT", "/v1/kv/a", `1`)
+			if r.status != 504 || errorCode(t, r.body) != "outcome_unknown" {
+				t.Fatalf("hung leader: %d %s", r.status, r.body)
+			}
+		})
 	}
+}
+
+// Forwarded writes share one upgraded connection to the leader instead of
+// one HTTP request each; the endpoint refuses anyone without the token and
+// any request that is not an upgrade.
+func TestForward_WritesTravelOverOnePeerStream(t *testing.T) {
+	var upgrades, plain atomic.Int32
+	p := newPair(t, func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == PeerStreamPath {
+				upgrades.Add(1)
+			} else {
+				plain.Add(1)
+			}
+			next.ServeHTTP(w, r)
+		})
+	})
+	var wg sync.WaitGroup
+	for i := range 20 {
+		wg.Go(func() {
+			if r := p.follower.do("PUT", fmt.Sprintf("/v1/kv/k%d", i), `1`); r.status != 201 || r.header.Get(HeaderLeader) != "n-leader" {
+				t.Errorf("PUT via follower: %d %s", r.status, r.body)
+			}
+		})
+	}
+	wg.Wait()
+	if upgrades.Load() != 1 || plain.Load() != 0 {
+		t.Fatalf("%d upgrades and %d plain requests at the leader, want 1 and 0", upgrades.Load(), plain.Load())
+	}
+	if r := p.leader.do("GET", PeerStreamPath, "", "Connection", "Upgrade", "Upgrade", peerhttp.Protocol); r.status != 401 {
+		t.Errorf("upgrade without the token: %d %s", r.status, r.body)
+	}
+	if r := p.leader.do("GET", PeerStreamPath, "", HeaderPeerToken, testToken); r.status != 426 || errorCode(t, r.body) != "upgrade_required" {
+		t.Errorf("plain GET of the stream endpoint: %d %s", r.status, r.body)
+	}
+}
+
+// refuseStreams answers the peer-stream upgrade with 404, as a node of an
+// older version would, so that forwarded requests travel as plain HTTP
+// requests: the wrappers of these tests then see, and can break, each one.
+func refuseStreams(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == PeerStreamPath {
+			http.NotFound(w, r)
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
 }
 
 // The leader applies a write but the connection drops before the answer:
 // the follower retries with the same request id and the write is applied once.
 func TestForward_DroppedAnswer_RetryAppliesOnce(t *testing.T) {
 	var drops atomic.Int32
+	// Over plain HTTP, where the wrapper sees each request; over a peer
+	// stream a lost answer is a broken connection, which peerhttp reports
+	// as possibly served (TestTransport_ConnectionCut_...), and the retry
+	// below is the same.
 	p := newPair(t, func(next http.Handler) http.Handler {
-		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		return refuseStreams(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if drops.Add(1) == 1 {
 				next.ServeHTTP(httptest.NewRecorder(), r) // applied...
 				conn, _, err := w.(http.Hijacker).Hijack()
@@ -234,7 +317,7 @@ func TestForward_DroppedAnswer_RetryAppliesOnce(t *testing.T) {
 				return
 			}
 			next.ServeHTTP(w, r)
-		})
+		}))
 	})
 	r := p.follower.do("PUT", "/v1/kv/a", `1`)
 	if r.status != 201 || r.header.Get("ETag") != `"3.1"` {

@@ -18,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/statefulkv/store/internal/peerhttp"
 	"github.com/statefulkv/store/internal/replication"
 	"github.com/statefulkv/store/internal/storage"
 )
@@ -93,6 +94,11 @@ type Server struct {
 	forwarder *retryablehttp.Client
 	// readClient carries reads to replicas (cluster mode only).
 	readClient *http.Client
+	// peers serves, and peerTransport sends, the requests nodes forward
+	// to each other, over one multiplexed connection per peer
+	// (internal/peerhttp; cluster mode only).
+	peers         *peerhttp.Server
+	peerTransport *peerhttp.Transport
 	// idSeq numbers the request ids this node generates.
 	idSeq atomic.Uint64
 }
@@ -141,10 +147,33 @@ func New(cfg Config) (*Server, error) {
 	}
 	s.handler = s.routes()
 	if cfg.Leadership != nil {
+		s.peers = &peerhttp.Server{Handler: s.handler}
 		s.forwarder = s.newForwarder()
 		s.readClient = &http.Client{Transport: s.forwarder.HTTPClient.Transport}
 	}
 	return s, nil
+}
+
+// Shutdown ends the peer connections once the HTTP server has drained:
+// requests other nodes forwarded here and this node has read are served
+// and answered, the rest are handed back unread so the sender retries
+// them elsewhere (see peerhttp). Then this node's own connections to its
+// peers close. It returns ctx's error if that takes too long.
+func (s *Server) Shutdown(ctx context.Context) error {
+	if s.peers == nil {
+		return nil
+	}
+	err := s.peers.Shutdown(ctx)
+	_ = s.peerTransport.Close()
+	return err
+}
+
+// peerStream turns a peer's request into the multiplexed connection it
+// forwards requests over.
+func (s *Server) peerStream(w http.ResponseWriter, r *http.Request) {
+	if err := s.peers.Upgrade(w, r); err != nil {
+		s.writeError(w, r, fmt.Errorf("%s needs \"Connection: Upgrade\" and \"Upgrade: %s\": %w", PeerStreamPath, peerhttp.Protocol, err))
+	}
 }
 
 // SetReady flips /readyz. main sets it false first thing on shutdown so the
@@ -177,6 +206,7 @@ func (s *Server) routes() http.Handler {
 	if s.cfg.Leadership != nil {
 		r.Post(LeaseReleasedPath, s.leaseReleased)
 		r.Post(LeaderPath, s.leaderHint)
+		r.Get(PeerStreamPath, s.peerStream)
 	}
 	if s.cfg.Replication != nil {
 		peer := s.cfg.Replication.Handler()

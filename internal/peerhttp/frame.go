@@ -1,0 +1,256 @@
+package peerhttp
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+)
+
+// Protocol is the Upgrade token of the connection.
+const Protocol = "statefulkv-peer/1"
+
+// MaxFrameBytes bounds one request or response on the connection. Larger
+// requests go through the Fallback transport; a larger response is
+// answered with an error. Values are at most 64 MiB (--max-value-bytes).
+const MaxFrameBytes = 1 << 30
+
+// Frame layout, all integers big-endian:
+//
+//	u32 payload length | u8 kind | u64 id | payload
+//
+// request payload:  str8 method | str16 request URI | headers | body
+// response payload: u16 status | headers | body
+// goaway payload:   empty; id is the last request id the server read
+// headers:          u16 count, then count × (str16 name | str16 value)
+//
+// The body is whatever remains of the payload.
+const (
+	kindRequest  byte = 1
+	kindResponse byte = 2
+	kindGoAway   byte = 3
+
+	frameHeaderBytes = 4 + 1 + 8
+)
+
+var (
+	errFrameTooLarge = errors.New("peerhttp: frame too large")
+	errBadFrame      = errors.New("peerhttp: malformed frame")
+)
+
+// frame is one decoded frame; its fields alias the read buffer.
+type frame struct {
+	kind    byte
+	id      uint64
+	payload []byte
+}
+
+// readFrame reads the next frame from r into a fresh buffer.
+func readFrame(r *bufio.Reader) (frame, error) {
+	var hdr [frameHeaderBytes]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		return frame{}, err
+	}
+	n := binary.BigEndian.Uint32(hdr[0:4])
+	if n > MaxFrameBytes {
+		return frame{}, fmt.Errorf("%w: %d bytes", errFrameTooLarge, n)
+	}
+	f := frame{kind: hdr[4], id: binary.BigEndian.Uint64(hdr[5:13]), payload: make([]byte, n)}
+	if _, err := io.ReadFull(r, f.payload); err != nil {
+		return frame{}, fmt.Errorf("%w: truncated: %w", errBadFrame, err)
+	}
+	return f, nil
+}
+
+// beginFrame appends a frame header with a placeholder length; endFrame
+// fills it in once the payload is appended.
+func beginFrame(b []byte, kind byte, id uint64) ([]byte, int) {
+	start := len(b)
+	b = append(b, 0, 0, 0, 0, kind)
+	return binary.BigEndian.AppendUint64(b, id), start
+}
+
+func endFrame(b []byte, start int) []byte {
+	binary.BigEndian.PutUint32(b[start:], uint32(len(b)-start-frameHeaderBytes))
+	return b
+}
+
+// headersFit reports whether h can be encoded (every name and value under
+// 64 KiB, fewer than 64 Ki of them).
+func headersFit(h http.Header) bool {
+	n := 0
+	for k, vs := range h {
+		if len(k) > 0xffff {
+			return false
+		}
+		for _, v := range vs {
+			if len(v) > 0xffff {
+				return false
+			}
+			n++
+		}
+	}
+	return n <= 0xffff
+}
+
+func appendHeaders(b []byte, h http.Header) []byte {
+	n := 0
+	for _, vs := range h {
+		n += len(vs)
+	}
+	b = binary.BigEndian.AppendUint16(b, uint16(n))
+	for k, vs := range h {
+		for _, v := range vs {
+			b = appendStr16(b, k)
+			b = appendStr16(b, v)
+		}
+	}
+	return b
+}
+
+func appendStr16(b []byte, s string) []byte {
+	b = binary.BigEndian.AppendUint16(b, uint16(len(s)))
+	return append(b, s...)
+}
+
+// decoder reads the fields of a payload in order; the first short read
+// sets err and every later read returns zero values.
+type decoder struct {
+	b   []byte
+	err error
+}
+
+func (d *decoder) take(n int) []byte {
+	if d.err != nil || n > len(d.b) {
+		d.err = errBadFrame
+		return nil
+	}
+	out := d.b[:n]
+	d.b = d.b[n:]
+	return out
+}
+
+func (d *decoder) u8() int {
+	b := d.take(1)
+	if b == nil {
+		return 0
+	}
+	return int(b[0])
+}
+
+func (d *decoder) u16() int {
+	b := d.take(2)
+	if b == nil {
+		return 0
+	}
+	return int(binary.BigEndian.Uint16(b))
+}
+
+func (d *decoder) str8() string  { return string(d.take(d.u8())) }
+func (d *decoder) str16() string { return string(d.take(d.u16())) }
+
+func (d *decoder) headers() http.Header {
+	n := d.u16()
+	h := make(http.Header, n)
+	for range n {
+		k := d.str16()
+		h[k] = append(h[k], d.str16())
+	}
+	return h
+}
+
+// rest is the body: whatever the fields before it left.
+func (d *decoder) rest() []byte {
+	b := d.b
+	d.b = nil
+	return b
+}
+
+// frameWriter queues frames from any goroutine and sends them from one:
+// everything queued while a write is under way goes out in the next
+// single write, which is what makes many requests share a system call.
+type frameWriter struct {
+	conn net.Conn
+
+	mu      sync.Mutex
+	buf     []byte
+	err     error // the first write error; later sends fail with it
+	stopped bool
+	wake    chan struct{}
+	done    chan struct{}
+}
+
+func newFrameWriter(conn net.Conn) *frameWriter {
+	w := &frameWriter{conn: conn, wake: make(chan struct{}, 1), done: make(chan struct{})}
+	go w.run()
+	return w
+}
+
+// send appends a frame with encode, under the writer's lock: frames leave
+// in the order their encode calls ran.
+func (w *frameWriter) send(encode func([]byte) []byte) error {
+	w.mu.Lock()
+	if w.err != nil {
+		w.mu.Unlock()
+		return w.err
+	}
+	w.buf = encode(w.buf)
+	w.mu.Unlock()
+	select {
+	case w.wake <- struct{}{}:
+	default: // a wake-up is pending; it will see this frame too
+	}
+	return nil
+}
+
+func (w *frameWriter) run() {
+	defer close(w.done)
+	var out []byte
+	for range w.wake {
+		w.mu.Lock()
+		out, w.buf = w.buf, out[:0]
+		stop := w.stopped && len(out) == 0
+		w.mu.Unlock()
+		if stop {
+			return
+		}
+		if len(out) == 0 {
+			continue
+		}
+		if _, err := w.conn.Write(out); err != nil {
+			w.mu.Lock()
+			w.err = err
+			w.mu.Unlock()
+			return
+		}
+		// A buffer grown by one huge frame is not kept for the life of
+		// the connection.
+		if cap(out) > 1<<20 {
+			out = nil
+		}
+	}
+}
+
+// flushAndStop sends what is queued and stops the writer; later sends
+// fail. It returns once the last write is done (or failed).
+func (w *frameWriter) flushAndStop() {
+	w.mu.Lock()
+	w.stopped = true
+	if w.err == nil {
+		w.err = net.ErrClosed
+	}
+	w.mu.Unlock()
+	// Each pass of run writes what is left or, finding nothing, returns;
+	// keep waking it until it has returned (or failed).
+	for {
+		select {
+		case <-w.done:
+			return
+		case w.wake <- struct{}{}:
+		}
+	}
+}

@@ -1,0 +1,331 @@
+package peerhttp
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+const upgradePath = "/internal/stream"
+
+// peerServer is an httptest server whose upgrade endpoint serves handler
+// over peer connections and whose other paths serve it over plain HTTP.
+type peerServer struct {
+	*httptest.Server
+	peer     *Server
+	upgrades atomic.Int64
+}
+
+func newPeerServer(t *testing.T, handler http.Handler, offer bool) *peerServer {
+	t.Helper()
+	ps := &peerServer{peer: &Server{Handler: handler}}
+	ps.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == upgradePath && offer {
+			if err := ps.peer.Upgrade(w, r); err != nil {
+				http.Error(w, err.Error(), http.StatusServiceUnavailable)
+				return
+			}
+			ps.upgrades.Add(1)
+			return
+		}
+		handler.ServeHTTP(w, r)
+	}))
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = ps.peer.Shutdown(ctx)
+		ps.Close()
+	})
+	return ps
+}
+
+func newTransport(t *testing.T) *Transport {
+	t.Helper()
+	tr := &Transport{Path: upgradePath, Header: http.Header{"X-Token": {"secret"}}, Fallback: &http.Transport{}}
+	t.Cleanup(func() { _ = tr.Close() })
+	return tr
+}
+
+// echo answers with what it received.
+var echo = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	body, _ := io.ReadAll(r.Body)
+	w.Header().Set("X-Echo-Method", r.Method)
+	w.Header().Set("X-Echo-Uri", r.RequestURI)
+	w.Header()["X-Echo-Multi"] = r.Header.Values("X-Multi")
+	w.Header().Set("X-Echo-Host", r.Host)
+	w.WriteHeader(http.StatusAccepted)
+	_, _ = w.Write(body)
+})
+
+func do(t *testing.T, client *http.Client, method, url string, body []byte, hdr http.Header) (*http.Response, []byte) {
+	t.Helper()
+	req, err := http.NewRequest(method, url, bytes.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, vs := range hdr {
+		req.Header[k] = vs
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	defer resp.Body.Close()
+	got, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp, got
+}
+
+func TestTransport_ConcurrentRequests_ShareOneConnection_AnswersMatch(t *testing.T) {
+	ps := newPeerServer(t, echo, true)
+	client := &http.Client{Transport: newTransport(t)}
+	const n = 300
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			body := []byte(fmt.Sprintf(`{"n":%d,"pad":%q}`, i, strings.Repeat("x", i*37)))
+			path := fmt.Sprintf("/v1/kv/k%d?ack=quorum&x=%%2F", i)
+			resp, got := do(t, client, http.MethodPut, ps.URL+path, body, http.Header{"X-Multi": {"a", fmt.Sprint(i)}})
+			if resp.StatusCode != http.StatusAccepted || !bytes.Equal(got, body) ||
+				resp.Header.Get("X-Echo-Uri") != path || resp.Header.Get("X-Echo-Method") != http.MethodPut ||
+				strings.Join(resp.Header.Values("X-Echo-Multi"), ",") != "a,"+fmt.Sprint(i) ||
+				resp.Header.Get("X-Echo-Host") != strings.TrimPrefix(ps.URL, "http://") {
+				t.Errorf("request %d: got %d %v %q", i, resp.StatusCode, resp.Header, got)
+			}
+		})
+	}
+	wg.Wait()
+	if got := ps.upgrades.Load(); got != 1 {
+		t.Errorf("%d upgraded connections for %d concurrent requests, want 1", got, n)
+	}
+	// A GET without a body works too.
+	if resp, got := do(t, client, http.MethodGet, ps.URL+"/x", nil, nil); resp.StatusCode != http.StatusAccepted || len(got) != 0 {
+		t.Errorf("GET: %d %q", resp.StatusCode, got)
+	}
+}
+
+func TestTransport_PeerWithoutUpgrade_UsesFallback(t *testing.T) {
+	ps := newPeerServer(t, echo, false)
+	client := &http.Client{Transport: newTransport(t)}
+	for i := range 3 {
+		resp, got := do(t, client, http.MethodPut, ps.URL+"/k", []byte(fmt.Sprint(i)), nil)
+		if resp.StatusCode != http.StatusAccepted || string(got) != fmt.Sprint(i) {
+			t.Fatalf("through the fallback: %d %q", resp.StatusCode, got)
+		}
+	}
+	if got := ps.upgrades.Load(); got != 0 {
+		t.Errorf("%d upgrades on a peer that offers none", got)
+	}
+}
+
+func TestTransport_UpgradeCarriesHeader(t *testing.T) {
+	var token atomic.Value
+	ps := newPeerServer(t, echo, true)
+	inner := ps.Config.Handler
+	ps.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == upgradePath {
+			token.Store(r.Header.Get("X-Token"))
+		}
+		inner.ServeHTTP(w, r)
+	})
+	do(t, &http.Client{Transport: newTransport(t)}, http.MethodGet, ps.URL+"/x", nil, nil)
+	if got, _ := token.Load().(string); got != "secret" {
+		t.Errorf("upgrade request carried X-Token %q, want the transport's Header", got)
+	}
+}
+
+func TestTransport_DialRefused_IsDialError(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	_, err = (&http.Client{Transport: newTransport(t)}).Get("http://" + addr + "/x")
+	var op *net.OpError
+	if !errors.As(err, &op) || op.Op != "dial" {
+		t.Fatalf("error %v: want a *net.OpError with Op dial (never sent)", err)
+	}
+}
+
+func TestTransport_CallerGivesUp_ConnectionStillServesOthers(t *testing.T) {
+	release := make(chan struct{})
+	ps := newPeerServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			<-release
+		}
+		_, _ = io.WriteString(w, r.URL.Path)
+	}), true)
+	defer close(release)
+	client := &http.Client{Transport: newTransport(t)}
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, ps.URL+"/slow", nil)
+	if _, err := client.Do(req); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("slow request: %v, want the caller's deadline", err)
+	}
+	if resp, got := do(t, client, http.MethodGet, ps.URL+"/fast", nil, nil); resp.StatusCode != http.StatusOK || string(got) != "/fast" {
+		t.Fatalf("after a abandoned request: %d %q", resp.StatusCode, got)
+	}
+	if got := ps.upgrades.Load(); got != 1 {
+		t.Errorf("%d connections, want the first one reused", got)
+	}
+}
+
+func TestServer_HandlerPanics_Answers500_ConnectionSurvives(t *testing.T) {
+	ps := newPeerServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/panic" {
+			panic("boom")
+		}
+		w.WriteHeader(http.StatusNoContent)
+	}), true)
+	client := &http.Client{Transport: newTransport(t)}
+	if resp, got := do(t, client, http.MethodGet, ps.URL+"/panic", nil, nil); resp.StatusCode != http.StatusInternalServerError || !strings.Contains(string(got), "boom") {
+		t.Fatalf("panicking handler: %d %q", resp.StatusCode, got)
+	}
+	if resp, _ := do(t, client, http.MethodGet, ps.URL+"/ok", nil, nil); resp.StatusCode != http.StatusNoContent {
+		t.Fatalf("after the panic: %d", resp.StatusCode)
+	}
+}
+
+// TestServer_Shutdown_ServesWhatItRead_GoAwayNamesTheRest speaks the
+// protocol by hand to control exactly which frames were read: request 1 is
+// being served when Shutdown begins, request 2 is sent after the GOAWAY.
+func TestServer_Shutdown_ServesWhatItRead_GoAwayNamesTheRest(t *testing.T) {
+	entered, release := make(chan struct{}), make(chan struct{})
+	var served sync.Map
+	ps := newPeerServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		served.Store(r.URL.Path, true)
+		if r.URL.Path == "/one" {
+			close(entered)
+			<-release
+		}
+		_, _ = io.WriteString(w, "done "+r.URL.Path)
+	}), true)
+	conn, err := net.Dial("tcp", strings.TrimPrefix(ps.URL, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: %s\r\n\r\n", upgradePath, Protocol)
+	r := bufio.NewReader(conn)
+	if resp, err := http.ReadResponse(r, nil); err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("upgrade: %v %v", resp, err)
+	}
+	send := func(id uint64, path string) {
+		req, _ := http.NewRequest(http.MethodGet, "http://x"+path, nil)
+		if _, err := conn.Write(appendRequest(nil, id, req, nil)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	send(1, "/one")
+	<-entered
+	shut := make(chan error, 1)
+	go func() { shut <- ps.peer.Shutdown(context.Background()) }()
+
+	f, err := readFrame(r)
+	if err != nil || f.kind != kindGoAway || f.id != 1 {
+		t.Fatalf("first frame after Shutdown: %+v %v, want GOAWAY naming request 1", f, err)
+	}
+	send(2, "/two")
+	close(release)
+	f, err = readFrame(r)
+	if err != nil || f.kind != kindResponse || f.id != 1 {
+		t.Fatalf("want the answer to request 1, got %+v %v", f, err)
+	}
+	if resp, err := decodeResponse(f.payload); err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("answer to request 1: %v %v", resp, err)
+	}
+	if _, err := readFrame(r); !errors.Is(err, io.EOF) {
+		t.Fatalf("after the last answer: %v, want the connection closed", err)
+	}
+	conn.Close() // as a Transport does on EOF; the server waits for it
+	if err := <-shut; err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	if _, ok := served.Load("/two"); ok {
+		t.Error("request 2, sent after the GOAWAY, was served")
+	}
+}
+
+func TestTransport_ServerShutsDown_InFlightAnswered_NextRequestRedials(t *testing.T) {
+	entered, release := make(chan struct{}), make(chan struct{})
+	ps := newPeerServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			close(entered)
+			<-release
+		}
+		_, _ = io.WriteString(w, r.URL.Path)
+	}), true)
+	client := &http.Client{Transport: newTransport(t)}
+	slow := make(chan error, 1)
+	go func() {
+		resp, err := client.Get(ps.URL + "/slow")
+		if err == nil {
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if string(body) != "/slow" {
+				err = fmt.Errorf("body %q", body)
+			}
+		}
+		slow <- err
+	}()
+	<-entered
+	shut := make(chan error, 1)
+	go func() { shut <- ps.peer.Shutdown(context.Background()) }()
+	close(release)
+	if err := <-slow; err != nil {
+		t.Fatalf("request in flight during Shutdown: %v", err)
+	}
+	if err := <-shut; err != nil {
+		t.Fatal(err)
+	}
+	// The peer refuses new upgrades now; the plain path still answers.
+	if resp, got := do(t, client, http.MethodGet, ps.URL+"/after", nil, nil); resp.StatusCode != http.StatusOK || string(got) != "/after" {
+		t.Fatalf("after Shutdown: %d %q", resp.StatusCode, got)
+	}
+}
+
+func TestTransport_ConnectionCut_WaitingRequestIsNotADialError(t *testing.T) {
+	entered := make(chan struct{})
+	ps := newPeerServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		close(entered)
+		<-r.Context().Done() // the peer went away
+	}), true)
+	tr := newTransport(t)
+	errc := make(chan error, 1)
+	go func() {
+		_, err := (&http.Client{Transport: tr}).Get(ps.URL + "/x")
+		errc <- err
+	}()
+	<-entered
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_ = ps.peer.Shutdown(ctx) // an expired context closes at once
+	err := <-errc
+	var op *net.OpError
+	if err == nil || (errors.As(err, &op) && op.Op == "dial") {
+		t.Fatalf("got %v: a request the peer read and then lost must not look unsent", err)
+	}
+}
+
+func TestServer_NotAnUpgrade_ErrNotUpgrade(t *testing.T) {
+	rec := httptest.NewRecorder()
+	err := (&Server{Handler: echo}).Upgrade(rec, httptest.NewRequest(http.MethodGet, upgradePath, nil))
+	if !errors.Is(err, ErrNotUpgrade) || rec.Body.Len() != 0 {
+		t.Fatalf("got %v and %q written, want ErrNotUpgrade and nothing written", err, rec.Body.String())
+	}
+}
