@@ -100,10 +100,10 @@ func (s *Server) newForwarder() *retryablehttp.Client {
 		DialTimeout: 2 * time.Second,
 	}
 	c.HTTPClient = &http.Client{
+		// No per-attempt Timeout: every request carries the ForwardTimeout
+		// deadline in its context, which bounds all attempts together (a
+		// Client.Timeout of the same length only added a timer per try).
 		Transport: s.peerTransport,
-		// One attempt may not take longer than this; the whole forward is
-		// bounded by ForwardTimeout through the request context.
-		Timeout: s.cfg.ForwardTimeout,
 	}
 	c.Logger = nil
 	c.RetryMax = 1 << 20 // bounded by the context, not a count

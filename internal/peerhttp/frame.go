@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"runtime"
 	"sync"
 )
 
@@ -211,6 +212,11 @@ func (w *frameWriter) run() {
 	defer close(w.done)
 	var out []byte
 	for range w.wake {
+		// Let the goroutines that are ready to queue a frame do so first:
+		// woken by the first frame of a burst, the writer would otherwise
+		// send it alone and pay a system call per frame. On an idle
+		// connection this costs one pass of the scheduler.
+		runtime.Gosched()
 		w.mu.Lock()
 		out, w.buf = w.buf, out[:0]
 		stop := w.stopped && len(out) == 0
