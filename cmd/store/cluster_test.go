@@ -154,6 +154,26 @@ type nodeStatus struct {
 
 var shortClient = &http.Client{Timeout: 2 * time.Second}
 
+// metric reads one unlabelled sample from a node's /metrics (-1 if absent).
+func (c *cluster) metric(id, name string) float64 {
+	c.t.Helper()
+	resp, err := shortClient.Get("http://" + c.addr(id) + "/metrics")
+	if err != nil {
+		c.t.Fatalf("metrics of %s: %v", id, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	for line := range strings.Lines(string(b)) {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), name+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err == nil {
+				return f
+			}
+		}
+	}
+	return -1
+}
+
 func (c *cluster) status(id string) (nodeStatus, error) {
 	var st nodeStatus
 	resp, err := shortClient.Get("http://" + c.addr(id) + "/v1/status")
@@ -507,6 +527,11 @@ func TestCluster_SIGKILLLeader_NewLeaderWithinLeasePlusRetry_AckedWritesReadable
 	n := w.count()
 	waitFor(t, 10*time.Second, "writes under the new leader", func() bool { return w.count() >= n+20 })
 	acks := w.halt()
+	// The successor did not wait for its next poll of the Lease: it took
+	// the Lease over the moment it expired (election.takeOverIfExpired).
+	if got := c.metric(newLeader, "store_election_expiry_takeovers_total"); got != 1 {
+		t.Errorf("new leader %s counts %v expiry takeovers, want 1", newLeader, got)
+	}
 
 	gap := longestGap(acks, killedAt.Add(-time.Second))
 	bound := testLease + testRetry*22/10 + 2*time.Second // lease + jittered retry + process/apiserver slack

@@ -19,6 +19,12 @@
 //   - Losing the Lease never stops the process or the campaign.
 //   - On shutdown (Stop, then cancel Run's context) the Lease is released on
 //     a fresh context, so a successor takes over within about a retry period.
+//   - A leader that stops renewing (crashed, or cut off) is replaced the
+//     moment its Lease has gone unchanged for LeaseDuration since this node
+//     saw it change: client-go's own expiry rule, applied on a timer instead
+//     of at the candidate's next poll (which comes every 1 to 2.2 ×
+//     RetryPeriod). The takeover writes with the read's resourceVersion, so
+//     of several candidates only one wins.
 //
 // It does not:
 //   - fence by itself. client-go documents that it cannot guarantee a single

@@ -11,6 +11,7 @@ import (
 	"testing/synctest"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -30,19 +31,31 @@ type apiserver struct {
 	*fake.Clientset
 	down   atomic.Bool
 	cutOff atomic.Value // string: identity whose Lease writes fail
+	// crashed: the identity of a holder that has died. Its renewals fail,
+	// and so does the release it could no longer send; only a takeover
+	// by another node changes the Lease.
+	crashed atomic.Value
 }
 
 func newAPIServer() *apiserver {
 	a := &apiserver{Clientset: fake.NewClientset()}
 	a.cutOff.Store("")
+	a.crashed.Store("")
 	react := func(action k8stesting.Action) (bool, runtime.Object, error) {
 		if a.down.Load() {
 			return true, nil, errors.New("apiserver unavailable")
 		}
 		if w, ok := action.(k8stesting.UpdateAction); ok {
 			l := w.GetObject().(*coordinationv1.Lease)
-			if id := a.cutOff.Load().(string); id != "" && l.Spec.HolderIdentity != nil && *l.Spec.HolderIdentity == id {
+			h := ""
+			if l.Spec.HolderIdentity != nil {
+				h = *l.Spec.HolderIdentity
+			}
+			if id := a.cutOff.Load().(string); id != "" && h == id {
 				return true, nil, errors.New("partitioned from the apiserver")
+			}
+			if id := a.crashed.Load().(string); id != "" && (h == id || h == "") {
+				return true, nil, errors.New("the holder has crashed")
 			}
 		}
 		return false, nil, nil
@@ -378,4 +391,58 @@ func TestObservingLock_ReleaseOnlyWhatTheFreshReadSaysWeHold(t *testing.T) {
 			t.Fatalf("holder after the release attempt = %q, want %q", h, want)
 		}
 	}
+}
+
+// A leader that stops renewing (crashed, or cut off from the apiserver) is
+// replaced the moment its Lease expires by the follower's own observation,
+// the same rule client-go applies, instead of at the follower's next
+// jittered poll: never earlier, and not later.
+func TestElector_SilentLeader_TakenOverTheMomentItsLeaseExpires(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		api := newAPIServer()
+		a, b, stopA, stopB := leaderAndFollower(t, api)
+		defer stopB()
+		defer stopA()
+		if _, open := a.WriteGate(); !open {
+			t.Fatal("a is not leader")
+		}
+		api.crashed.Store("store-0")       // a neither renews nor releases from now on
+		time.Sleep(3 * DefaultRetryPeriod) // b has polled since a's last renewal
+		b.mu.Lock()
+		expiry := b.changedAt.Add(DefaultLeaseDuration)
+		b.mu.Unlock()
+		for {
+			if _, open := b.WriteGate(); open {
+				break
+			}
+			if time.Now().After(expiry.Add(2 * DefaultRetryPeriod * 3)) {
+				t.Fatal("b never took over")
+			}
+			time.Sleep(time.Millisecond)
+		}
+		took := time.Now()
+		if took.Before(expiry) {
+			t.Fatalf("b took over %s before the Lease expired by its own observation", expiry.Sub(took))
+		}
+		if late := took.Sub(expiry); late > time.Millisecond {
+			t.Fatalf("b took over %s after the Lease expired, want at once", late)
+		}
+		if h, transitions := holder(t, api); h != "store-1" || transitions != 1 {
+			t.Fatalf("Lease held by %q with %d transitions, want store-1 with 1", h, transitions)
+		}
+		if epoch, _ := b.WriteGate(); epoch != 2 {
+			t.Fatalf("b leads epoch %d, want 2", epoch)
+		}
+		if _, open := a.WriteGate(); open {
+			t.Fatal("a's gate is still open")
+		}
+		if n := testutil.ToFloat64(b.metrics.expiryTakeovers); n != 1 {
+			t.Fatalf("b counted %v expiry takeovers, want 1", n)
+		}
+		// b keeps the Lease: client-go's next campaign renews it.
+		time.Sleep(3 * DefaultRetryPeriod)
+		if _, open := b.WriteGate(); !open {
+			t.Fatal("b lost the Lease it took over")
+		}
+	})
 }

@@ -6,6 +6,9 @@ type metrics struct {
 	isLeader    prometheus.Gauge
 	epoch       prometheus.Gauge
 	transitions prometheus.Counter
+	// expiryTakeovers counts Leases this node took over the moment they
+	// expired (Elector.takeOverIfExpired).
+	expiryTakeovers prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -22,9 +25,13 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Namespace: "store", Subsystem: "election", Name: "leader_changes_total",
 			Help: "Changes of the observed Lease holder.",
 		}),
+		expiryTakeovers: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "store", Subsystem: "election", Name: "expiry_takeovers_total",
+			Help: "Leases this node took over the moment they expired (a leader that stopped renewing), instead of at its next poll.",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.isLeader, m.epoch, m.transitions)
+		reg.MustRegister(m.isLeader, m.epoch, m.transitions, m.expiryTakeovers)
 	}
 	return m
 }
