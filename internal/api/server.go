@@ -172,7 +172,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 // forwards requests over.
 func (s *Server) peerStream(w http.ResponseWriter, r *http.Request) {
 	if err := s.peers.Upgrade(w, r); err != nil {
-		s.writeError(w, r, fmt.Errorf("%s needs \"Connection: Upgrade\" and \"Upgrade: %s\": %w", PeerStreamPath, peerhttp.Protocol, err))
+		s.writeError(w, r, fmt.Errorf("%s: %w", PeerStreamPath, err))
 	}
 }
 

@@ -101,7 +101,7 @@ type Elector struct {
 	lastRead  string    // holder in the Lease this node read last
 	cancel    context.CancelFunc
 
-	// Takeover at expiry (see expiryTakeover): when this node last saw
+	// Takeover at expiry (see takeOverIfExpired): when this node last saw
 	// the Lease record change, and the timer that fires when that
 	// observation is LeaseDuration old.
 	lastRaw     []byte
@@ -221,9 +221,10 @@ func (e *Elector) Run(ctx context.Context) error {
 
 // Takeover at expiry. client-go's candidates look at the Lease every
 // RetryPeriod × (1 to 2.2), and count a holder's LeaseDuration from the
-// poll at which they first saw its last renewal. After a leader crashes,
-// that leaves two poll delays on top of LeaseDuration: measured median
-// 17.35 s with the default 15 s / 2 s timings, above the 17 s mark. This
+// poll at which they first saw its last renewal. After a leader crashes
+// they then notice the expiry only at a later poll: with the default 15 s
+// / 2 s timings the write gap had a median of 17.35 s, above the 17 s
+// mark (make bench-failover). This
 // node instead keeps the same observation itself (observingLock.Get sees
 // every read), and when the Lease has gone unchanged for LeaseDuration
 // since it saw it change — exactly client-go's own rule — it takes the
