@@ -332,10 +332,14 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 		_ = httpSrv.Close()
 	}
 	// Requests peers forwarded over their multiplexed connections are not
-	// HTTP connections the server tracks; they drain here.
-	if err := srv.Shutdown(drainCtx); err != nil {
+	// HTTP connections the server tracks; they drain here, with their own
+	// budget (a slow HTTP drain must not leave them none: closing them
+	// early turns every forwarded write in flight into outcome_unknown).
+	peerCtx, cancelPeers := context.WithTimeout(context.Background(), cfg.shutdownTimeout)
+	if err := srv.Shutdown(peerCtx); err != nil {
 		log.Warn("peer connections did not drain; closed them", "err", err)
 	}
+	cancelPeers()
 	if elector != nil {
 		// No write is in flight any more. A leader first brings the other
 		// members level with its data, so its successor finds every write

@@ -195,6 +195,11 @@ func (e *Elector) Run(ctx context.Context) error {
 		campaign, cancel := context.WithCancel(ctx)
 		e.mu.Lock()
 		e.cancel = cancel
+		if e.takeoverDue {
+			// The expiry fired between campaigns: go straight to the
+			// takeover below instead of campaigning first.
+			cancel()
+		}
 		e.mu.Unlock()
 		le, err := leaderelection.NewLeaderElector(leaderelection.LeaderElectionConfig{
 			Lock:            e.lock,
@@ -253,7 +258,30 @@ func (e *Elector) noteRead(rec *rl.LeaderElectionRecord, raw []byte) {
 		return
 	}
 	at := e.changedAt
-	e.expiry = time.AfterFunc(e.cfg.LeaseDuration, func() { e.expired(at) })
+	e.expiry = time.AfterFunc(e.leaseFor(rec), func() { e.expired(at) })
+}
+
+// leaseFor is how long a record's holder may stay silent before its Lease
+// expires: the longer of this node's LeaseDuration and the one the holder
+// wrote. client-go trusts the record's; taking the longer also keeps a node
+// configured with a shorter lease (mid rolling change of the timings) from
+// deposing a leader whose gate is still open under the longer one.
+func (e *Elector) leaseFor(rec *rl.LeaderElectionRecord) time.Duration {
+	return max(e.cfg.LeaseDuration, time.Duration(rec.LeaseDurationSeconds)*time.Second)
+}
+
+// retryTakeover re-arms the expiry after a takeover that could not be
+// tried (the apiserver did not answer): the record has not changed, so no
+// read would re-arm it, and the fresh client-go campaign counts its own
+// lease from scratch.
+func (e *Elector) retryTakeover() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	at := e.changedAt
+	if e.expiry != nil {
+		e.expiry.Stop()
+	}
+	e.expiry = time.AfterFunc(e.cfg.RetryPeriod, func() { e.expired(at) })
 }
 
 // expired ends the current campaign so Run can take the Lease over, if
@@ -283,12 +311,14 @@ func (e *Elector) takeOverIfExpired(ctx context.Context) {
 	defer cancel()
 	rec, _, err := e.lock.Get(rctx) // observingLock: restarts the clock if the record changed
 	if err != nil {
-		return // the next campaign starts at once and polls as usual
+		e.retryTakeover()
+		return
 	}
 	e.mu.Lock()
 	silent := time.Since(e.changedAt)
+	stopping := e.stopping
 	e.mu.Unlock()
-	if rec.HolderIdentity == "" || rec.HolderIdentity == e.cfg.Identity || silent < e.cfg.LeaseDuration {
+	if stopping || rec.HolderIdentity == "" || rec.HolderIdentity == e.cfg.Identity || silent < e.leaseFor(rec) {
 		return
 	}
 	now := metav1.Now()
@@ -300,12 +330,49 @@ func (e *Elector) takeOverIfExpired(ctx context.Context) {
 		LeaderTransitions:    rec.LeaderTransitions + 1,
 	}
 	if err := e.lock.Update(rctx, next); err != nil {
-		e.log.Info("expired Lease taken by another node first", "err", err)
+		if apierrors.IsConflict(err) {
+			e.log.Info("expired Lease taken by another node first")
+		} else {
+			e.log.Warn("taking over an expired Lease failed; trying again", "err", err)
+			e.retryTakeover()
+		}
 		return
 	}
 	e.metrics.expiryTakeovers.Inc()
 	e.log.Info("took over the Lease of a silent leader", "previous", rec.HolderIdentity, "silent_for", silent.Round(time.Millisecond))
-	// The next campaign finds this node holding the Lease and renews it.
+	e.mu.Lock()
+	stopping = e.stopping
+	e.mu.Unlock()
+	if stopping || ctx.Err() != nil {
+		// Shutdown began while the write was in flight: Run is about to
+		// return, and no campaign would release what this node now holds.
+		// (The write gate stayed shut: observed does not open it while
+		// stopping.)
+		e.releaseTakenLease()
+	}
+	// Otherwise the next campaign finds this node holding the Lease and
+	// renews it.
+}
+
+// releaseTakenLease gives back a Lease this node has just taken over, on a
+// fresh context (the caller's is cancelled), as client-go's release does:
+// read, then clear the holder.
+func (e *Elector) releaseTakenLease() {
+	ctx, cancel := context.WithTimeout(context.Background(), e.cfg.RenewDeadline)
+	defer cancel()
+	rec, _, err := e.lock.Get(ctx)
+	if err != nil || rec.HolderIdentity != e.cfg.Identity {
+		return
+	}
+	now := metav1.Now()
+	if err := e.lock.Update(ctx, rl.LeaderElectionRecord{
+		LeaderTransitions:    rec.LeaderTransitions,
+		LeaseDurationSeconds: 1,
+		AcquireTime:          now,
+		RenewTime:            now,
+	}); err != nil {
+		e.log.Warn("releasing the Lease taken during shutdown failed; it expires on its own", "err", err)
+	}
 }
 
 // HintLeader records that a peer reports id as leader of term epoch, so

@@ -446,3 +446,74 @@ func TestElector_SilentLeader_TakenOverTheMomentItsLeaseExpires(t *testing.T) {
 		}
 	})
 }
+
+// A node configured with a shorter lease than the holder wrote (mid rolling
+// change of the timings) waits out the holder's lease, as client-go does:
+// the holder's gate may be open until then.
+func TestElector_SilentLeader_HoldersLongerLeaseIsWaitedOut(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		api := newAPIServer()
+		a := newElector(t, api, "store-0") // 15 s lease
+		b, err := New(Config{Client: api, Namespace: ns, Identity: "store-1", Logger: quiet(),
+			LeaseDuration: 5 * time.Second, RenewDeadline: 4 * time.Second, RetryPeriod: time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		stopA := run(a)
+		defer stopA()
+		time.Sleep(time.Second)
+		stopB := run(b)
+		defer stopB()
+		time.Sleep(3 * DefaultRetryPeriod)
+		api.crashed.Store("store-0")
+		time.Sleep(3 * DefaultRetryPeriod)
+		b.mu.Lock()
+		expiry := b.changedAt.Add(DefaultLeaseDuration)
+		b.mu.Unlock()
+		for {
+			if _, open := b.WriteGate(); open {
+				break
+			}
+			if time.Now().After(expiry.Add(time.Minute)) {
+				t.Fatal("b never took over")
+			}
+			time.Sleep(time.Millisecond)
+		}
+		if took := time.Now(); took.Before(expiry) {
+			t.Fatalf("b took over %s before the holder's 15 s lease ran out (its own is 5 s)", expiry.Sub(took))
+		}
+	})
+}
+
+// A takeover the apiserver refuses (down at the moment of expiry) is tried
+// again every retry period, not after a whole new lease.
+func TestElector_TakeoverWhileAPIServerDown_RetriedEachRetryPeriod(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		api := newAPIServer()
+		_, b, stopA, stopB := leaderAndFollower(t, api)
+		defer stopB()
+		defer stopA()
+		api.crashed.Store("store-0")
+		time.Sleep(3 * DefaultRetryPeriod)
+		b.mu.Lock()
+		expiry := b.changedAt.Add(DefaultLeaseDuration)
+		b.mu.Unlock()
+		time.Sleep(time.Until(expiry) - time.Millisecond)
+		api.down.Store(true)
+		time.Sleep(3 * DefaultRetryPeriod)
+		back := time.Now()
+		api.down.Store(false)
+		for {
+			if _, open := b.WriteGate(); open {
+				break
+			}
+			if time.Since(back) > DefaultLeaseDuration {
+				t.Fatal("b did not take over within a lease of the apiserver's return")
+			}
+			time.Sleep(time.Millisecond)
+		}
+		if d := time.Since(back); d > DefaultRetryPeriod {
+			t.Fatalf("b took over %s after the apiserver came back, want within one retry period (%s)", d, DefaultRetryPeriod)
+		}
+	})
+}

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"runtime"
 	"sync"
+	"time"
 )
 
 // Protocol is the Upgrade token of the connection.
@@ -176,30 +177,45 @@ func (d *decoder) rest() []byte {
 // single write, which is what makes many requests share a system call.
 type frameWriter struct {
 	conn net.Conn
+	// timeout bounds one write: a peer that reads nothing for that long
+	// (dead, or paused with its socket buffers full) loses the connection
+	// rather than pinning frames in memory.
+	timeout time.Duration
 
 	mu      sync.Mutex
 	buf     []byte
-	err     error // the first write error; later sends fail with it
+	ids     []uint64 // the request ids whose frames are in buf
+	unsent  []uint64 // after a failed write: ids that never reached a write
+	err     error    // the first write error; later sends fail with it
 	stopped bool
 	wake    chan struct{}
 	done    chan struct{}
 }
 
-func newFrameWriter(conn net.Conn) *frameWriter {
-	w := &frameWriter{conn: conn, wake: make(chan struct{}, 1), done: make(chan struct{})}
+func newFrameWriter(conn net.Conn, timeout time.Duration) *frameWriter {
+	w := &frameWriter{conn: conn, timeout: timeout, wake: make(chan struct{}, 1), done: make(chan struct{})}
 	go w.run()
 	return w
 }
 
 // send appends a frame with encode, under the writer's lock: frames leave
-// in the order their encode calls ran.
-func (w *frameWriter) send(encode func([]byte) []byte) error {
+// in the order their encode calls ran. encode returns the request id the
+// frame carries (0 for other frames), or ok=false to append nothing.
+func (w *frameWriter) send(encode func([]byte) (b []byte, id uint64, ok bool)) error {
 	w.mu.Lock()
 	if w.err != nil {
 		w.mu.Unlock()
 		return w.err
 	}
-	w.buf = encode(w.buf)
+	b, id, ok := encode(w.buf)
+	if !ok {
+		w.mu.Unlock()
+		return errRefused
+	}
+	w.buf = b
+	if id != 0 {
+		w.ids = append(w.ids, id)
+	}
 	w.mu.Unlock()
 	select {
 	case w.wake <- struct{}{}:
@@ -208,9 +224,15 @@ func (w *frameWriter) send(encode func([]byte) []byte) error {
 	return nil
 }
 
+// errRefused: send's encode declined to queue the frame.
+var errRefused = errors.New("peerhttp: frame not queued")
+
 func (w *frameWriter) run() {
 	defer close(w.done)
-	var out []byte
+	var (
+		out []byte
+		ids []uint64
+	)
 	for range w.wake {
 		// Let the goroutines that are ready to queue a frame do so first:
 		// woken by the first frame of a burst, the writer would otherwise
@@ -219,6 +241,7 @@ func (w *frameWriter) run() {
 		runtime.Gosched()
 		w.mu.Lock()
 		out, w.buf = w.buf, out[:0]
+		ids, w.ids = w.ids, ids[:0]
 		stop := w.stopped && len(out) == 0
 		w.mu.Unlock()
 		if stop {
@@ -227,10 +250,16 @@ func (w *frameWriter) run() {
 		if len(out) == 0 {
 			continue
 		}
+		_ = w.conn.SetWriteDeadline(time.Now().Add(w.timeout))
 		if _, err := w.conn.Write(out); err != nil {
 			w.mu.Lock()
 			w.err = err
+			// Frames queued after this batch never reached the socket.
+			w.unsent = w.ids
+			w.buf, w.ids = nil, nil
 			w.mu.Unlock()
+			// The reader must not wait for answers that cannot come.
+			_ = w.conn.Close()
 			return
 		}
 		// A buffer grown by one huge frame is not kept for the life of
@@ -239,6 +268,14 @@ func (w *frameWriter) run() {
 			out = nil
 		}
 	}
+}
+
+// unsentIDs lists, after the writer stopped on a write error, the request
+// ids whose frames never reached the socket.
+func (w *frameWriter) unsentIDs() []uint64 {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.unsent
 }
 
 // flushAndStop sends what is queued and stops the writer; later sends

@@ -261,7 +261,7 @@ func TestServer_Shutdown_ServesWhatItRead_GoAwayNamesTheRest(t *testing.T) {
 	}
 }
 
-func TestTransport_ServerShutsDown_InFlightAnswered_NextRequestRedials(t *testing.T) {
+func TestTransport_ServerShutsDown_InFlightAnswered_NextRequestNotSent(t *testing.T) {
 	entered, release := make(chan struct{}), make(chan struct{})
 	ps := newPeerServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/slow" {
@@ -293,9 +293,12 @@ func TestTransport_ServerShutsDown_InFlightAnswered_NextRequestRedials(t *testin
 	if err := <-shut; err != nil {
 		t.Fatal(err)
 	}
-	// The peer refuses new upgrades now; the plain path still answers.
-	if resp, got := do(t, client, http.MethodGet, ps.URL+"/after", nil, nil); resp.StatusCode != http.StatusOK || string(got) != "/after" {
-		t.Fatalf("after Shutdown: %d %q", resp.StatusCode, got)
+	// The peer refuses new upgrades now (503): the next request fails as
+	// never sent, so the caller may take it to another node.
+	_, err := client.Get(ps.URL + "/after")
+	var op *net.OpError
+	if !errors.As(err, &op) || op.Op != "dial" {
+		t.Fatalf("request after Shutdown: %v, want a dial error (never sent)", err)
 	}
 }
 
@@ -327,5 +330,116 @@ func TestServer_NotAnUpgrade_ErrNotUpgrade(t *testing.T) {
 	err := (&Server{Handler: echo}).Upgrade(rec, httptest.NewRequest(http.MethodGet, upgradePath, nil))
 	if !errors.Is(err, ErrNotUpgrade) || rec.Body.Len() != 0 {
 		t.Fatalf("got %v and %q written, want ErrNotUpgrade and nothing written", err, rec.Body.String())
+	}
+}
+
+// A peer that accepts the connection and then reads nothing (dead, or
+// paused with full socket buffers) costs the connection after WriteTimeout:
+// requests queued behind the stuck write fail as never sent, the one being
+// written as possibly sent, and the next request connects again instead of
+// queueing on the dead connection.
+func TestTransport_PeerStopsReading_ConnectionDropped_QueuedRequestsNotSent(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var upgrades atomic.Int32
+	var held sync.WaitGroup
+	stop := make(chan struct{})
+	defer func() { close(stop); held.Wait() }()
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			held.Go(func() {
+				defer conn.Close()
+				if _, err := http.ReadRequest(bufio.NewReader(conn)); err != nil {
+					return
+				}
+				upgrades.Add(1)
+				fmt.Fprintf(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: %s\r\n\r\n", Protocol)
+				<-stop // and never read again
+			})
+		}
+	}()
+	addr := ln.Addr().String()
+	tr := &Transport{Path: upgradePath, Fallback: &http.Transport{}, WriteTimeout: 300 * time.Millisecond}
+	defer tr.Close()
+	client := &http.Client{Transport: tr}
+	put := func(size int) error {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPut, "http://"+addr+"/k", bytes.NewReader(make([]byte, size)))
+		_, err := client.Do(req)
+		return err
+	}
+	isDial := func(err error) bool {
+		var op *net.OpError
+		return errors.As(err, &op) && op.Op == "dial"
+	}
+	// 32 MiB cannot all leave: a peer that never reads keeps its receive
+	// window at the initial size (the kernel grows it only as the
+	// application reads), and the send buffer holds at most a few MiB.
+	big := make(chan error, 1)
+	go func() { big <- put(32 << 20) }()
+	waitUntil(t, "the writer took the big frame", func() bool {
+		tr.mu.Lock()
+		p := tr.peers[addr]
+		tr.mu.Unlock()
+		if p == nil {
+			return false
+		}
+		p.mu.Lock()
+		c := p.conn
+		p.mu.Unlock()
+		if c == nil {
+			return false
+		}
+		c.w.mu.Lock()
+		defer c.w.mu.Unlock()
+		return len(c.w.buf) == 0 && c.nextIDForTest() == 1
+	})
+	var wg sync.WaitGroup
+	for range 5 {
+		wg.Go(func() {
+			if err := put(100); !isDial(err) {
+				t.Errorf("request queued behind the stuck write: %v, want a dial error (never sent)", err)
+			}
+		})
+	}
+	wg.Wait()
+	if err := <-big; err == nil || isDial(err) {
+		t.Errorf("the request being written: %v, want a connection error (possibly sent)", err)
+	}
+	// The next request connects again (and, this peer reading nothing,
+	// times out there).
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/k", nil)
+	if _, err := client.Do(req); err == nil {
+		t.Error("a peer that reads nothing answered")
+	}
+	if got := upgrades.Load(); got != 2 {
+		t.Errorf("%d upgrades, want 2: the transport must drop the dead connection and connect again", got)
+	}
+}
+
+func (c *clientConn) nextIDForTest() uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.nextID
+}
+
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+		time.Sleep(time.Millisecond)
 	}
 }

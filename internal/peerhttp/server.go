@@ -31,6 +31,9 @@ var ErrServerClosed = errors.New("peerhttp: server shutting down")
 type Server struct {
 	// Handler serves every request; the request's RemoteAddr is the peer's.
 	Handler http.Handler
+	// WriteTimeout bounds one write of answers to a peer; a peer that
+	// reads nothing for that long loses the connection. Default 10s.
+	WriteTimeout time.Duration
 
 	mu      sync.Mutex
 	conns   map[*serverConn]struct{}
@@ -64,7 +67,7 @@ func (s *Server) Upgrade(w http.ResponseWriter, r *http.Request) error {
 		return nil // the response is gone with the connection
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	c := &serverConn{srv: s, conn: conn, r: brw.Reader, w: newFrameWriter(conn), ctx: ctx, cancel: cancel, done: make(chan struct{})}
+	c := &serverConn{srv: s, conn: conn, r: brw.Reader, w: newFrameWriter(conn, orDefault(s.WriteTimeout, 10*time.Second)), ctx: ctx, cancel: cancel, done: make(chan struct{})}
 	s.mu.Lock()
 	if s.closing {
 		s.mu.Unlock()
@@ -106,6 +109,16 @@ func (s *Server) Shutdown(ctx context.Context) error {
 			for _, c := range conns {
 				c.cancel() // the requests still running are abandoned
 				_ = c.conn.Close()
+			}
+			// Cancelled handlers still finish what they started (a write
+			// commits or not); the caller's next steps assume none is
+			// running, so wait for them, within reason.
+			deadline := time.After(abandonWait)
+			for _, c := range conns {
+				select {
+				case <-c.done:
+				case <-deadline:
+				}
 			}
 			return ctx.Err()
 		}
@@ -161,9 +174,9 @@ func (c *serverConn) serve() {
 	if c.srv.shuttingDown() {
 		// Requests after last were never read: the peer may send them
 		// elsewhere. Those up to last are answered below.
-		_ = c.w.send(func(b []byte) []byte {
+		_ = c.w.send(func(b []byte) ([]byte, uint64, bool) {
 			b, start := beginFrame(b, kindGoAway, last)
-			return endFrame(b, start)
+			return endFrame(b, start), 0, true
 		})
 	} else {
 		c.cancel() // the peer is gone; so is anyone waiting for answers
@@ -187,6 +200,9 @@ func (c *serverConn) lingerClose() {
 	_ = c.conn.SetReadDeadline(time.Now().Add(lingerTimeout))
 	_, _ = io.Copy(io.Discard, c.conn)
 }
+
+// abandonWait bounds how long Shutdown waits for cancelled handlers.
+const abandonWait = 5 * time.Second
 
 // lingerTimeout bounds the wait for the peer to close after this side has.
 const lingerTimeout = 2 * time.Second
@@ -249,7 +265,7 @@ func (c *serverConn) answerRecorded(id uint64, rec *recorder) {
 		status, body = http.StatusBadGateway, jsonError("response_too_large", "the response does not fit a peer connection frame")
 		rec.header = http.Header{"Content-Type": {"application/json"}}
 	}
-	_ = c.w.send(func(b []byte) []byte { return appendResponse(b, id, status, rec.header, body) })
+	_ = c.w.send(func(b []byte) ([]byte, uint64, bool) { return appendResponse(b, id, status, rec.header, body), 0, true })
 }
 
 func (c *serverConn) answer(id uint64, status int, body []byte) {

@@ -30,6 +30,10 @@ type Transport struct {
 	// RetryUpgradeAfter is how long a peer that refused the upgrade is
 	// reached through Fallback before asking again. Default 1m.
 	RetryUpgradeAfter time.Duration
+	// WriteTimeout bounds one write to a peer; a peer that reads nothing
+	// for that long (dead, or paused with full socket buffers) loses the
+	// connection, and the next request dials again. Default 5s.
+	WriteTimeout time.Duration
 
 	mu     sync.Mutex
 	peers  map[string]*peer
@@ -52,18 +56,23 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if req.Body != nil && req.Body != http.NoBody {
 		var err error
 		body, err = io.ReadAll(io.LimitReader(req.Body, MaxFrameBytes/2+1))
-		req.Body.Close()
 		if err != nil {
+			req.Body.Close()
 			return nil, fmt.Errorf("peerhttp: read request body: %w", err)
 		}
+		if len(body) > MaxFrameBytes/2 {
+			// Too big for a frame: the fallback gets what was read and
+			// the rest of the body.
+			return t.fallback(req, io.MultiReader(bytes.NewReader(body), req.Body), -1)
+		}
+		req.Body.Close()
 	}
-	if len(body) > MaxFrameBytes/2 || !headersFit(req.Header) || len(req.Method) > 0xff ||
-		len(req.URL.RequestURI()) > 0xffff || len(req.Host) > 0xffff {
-		return t.fallback(req, body)
+	if !headersFit(req.Header) || len(req.Method) > 0xff || len(req.URL.RequestURI()) > 0xffff || len(req.Host) > 0xffff {
+		return t.fallback(req, bytes.NewReader(body), int64(len(body)))
 	}
 	c, err := t.conn(req.Context(), req.URL.Host)
 	if errors.Is(err, errNotOffered) {
-		return t.fallback(req, body)
+		return t.fallback(req, bytes.NewReader(body), int64(len(body)))
 	}
 	if err != nil {
 		return nil, err
@@ -71,11 +80,23 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	return c.roundTrip(req, body)
 }
 
-func (t *Transport) fallback(req *http.Request, body []byte) (*http.Response, error) {
+// fallback sends req through Fallback with body (length n, -1 if unknown).
+func (t *Transport) fallback(req *http.Request, body io.Reader, n int64) (*http.Response, error) {
+	orig := req.Body
 	req = req.Clone(req.Context())
-	req.Body = io.NopCloser(bytes.NewReader(body))
-	req.ContentLength = int64(len(body))
+	req.Body = struct {
+		io.Reader
+		io.Closer
+	}{body, closerOrNop(orig)}
+	req.ContentLength = n
 	return t.Fallback.RoundTrip(req)
+}
+
+func closerOrNop(c io.Closer) io.Closer {
+	if c == nil {
+		return io.NopCloser(nil)
+	}
+	return c
 }
 
 // conn returns the live connection to addr, connecting if there is none.
@@ -155,12 +176,26 @@ func (t *Transport) dial(ctx context.Context, addr string) (*clientConn, error) 
 	}
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 	resp.Body.Close()
-	if resp.StatusCode != http.StatusSwitchingProtocols || resp.Header.Get("Upgrade") != Protocol {
+	switch resp.StatusCode {
+	case http.StatusSwitchingProtocols:
+		if resp.Header.Get("Upgrade") != Protocol {
+			_ = conn.Close()
+			return nil, fmt.Errorf("%w (switched to %q)", errNotOffered, resp.Header.Get("Upgrade"))
+		}
+	case http.StatusRequestTimeout, http.StatusTooManyRequests, http.StatusInternalServerError,
+		http.StatusBadGateway, http.StatusServiceUnavailable, http.StatusGatewayTimeout:
+		// The peer refused for now (shutting down, say): no request has
+		// gone out, so the caller may try again, here or elsewhere.
+		return fail(fmt.Errorf("peerhttp: upgrade refused: %s", resp.Status))
+	default:
+		// No such endpoint (an older version answers 404) or not this
+		// protocol: plain HTTP, which also surfaces a refusal such as a
+		// 401 to the caller as it is.
 		_ = conn.Close()
 		return nil, fmt.Errorf("%w (answered %s)", errNotOffered, resp.Status)
 	}
 	_ = conn.SetDeadline(time.Time{})
-	c := &clientConn{conn: conn, w: newFrameWriter(conn), waiting: make(map[uint64]chan result), goneAbove: ^uint64(0)}
+	c := &clientConn{conn: conn, w: newFrameWriter(conn, orDefault(t.WriteTimeout, 5*time.Second)), waiting: make(map[uint64]chan result), goneAbove: ^uint64(0)}
 	go c.readLoop(r, addr)
 	return c, nil
 }
@@ -221,15 +256,18 @@ func (c *clientConn) usable() bool {
 func (c *clientConn) roundTrip(req *http.Request, body []byte) (*http.Response, error) {
 	ch := make(chan result, 1)
 	var id uint64
-	err := c.w.send(func(b []byte) []byte {
+	err := c.w.send(func(b []byte) ([]byte, uint64, bool) {
 		// Under the writer's lock: ids rise in the order frames are sent,
 		// which is what lets a GOAWAY's last id divide seen from unseen.
 		c.mu.Lock()
+		defer c.mu.Unlock()
+		if c.goneAbove != ^uint64(0) {
+			return b, 0, false // the peer said goodbye: it would not read this
+		}
 		c.nextID++
 		id = c.nextID
 		c.waiting[id] = ch
-		c.mu.Unlock()
-		return appendRequest(b, id, req, body)
+		return appendRequest(b, id, req, body), id, true
 	})
 	if err != nil {
 		c.forget(id)
@@ -309,9 +347,17 @@ func (c *clientConn) readLoop(r *bufio.Reader, addr string) {
 	}
 	_ = c.conn.Close()
 	c.w.flushAndStop()
+	unsent := c.w.unsentIDs()
 	c.mu.Lock()
 	c.broken = fmt.Errorf("peerhttp: connection to %s lost: %w", addr, err)
 	unseen := c.takeAbove(c.goneAbove)
+	for _, id := range unsent {
+		// Queued behind a write that failed: never reached the socket.
+		if ch := c.waiting[id]; ch != nil {
+			unseen = append(unseen, ch)
+			delete(c.waiting, id)
+		}
+	}
 	rest := c.waiting
 	c.waiting = map[uint64]chan result{}
 	broken := c.broken
