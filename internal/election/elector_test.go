@@ -406,21 +406,8 @@ func TestElector_SilentLeader_TakenOverTheMomentItsLeaseExpires(t *testing.T) {
 		if _, open := a.WriteGate(); !open {
 			t.Fatal("a is not leader")
 		}
-		api.crashed.Store("store-0")       // a neither renews nor releases from now on
-		time.Sleep(3 * DefaultRetryPeriod) // b has polled since a's last renewal
-		b.mu.Lock()
-		expiry := b.changedAt.Add(DefaultLeaseDuration)
-		b.mu.Unlock()
-		for {
-			if _, open := b.WriteGate(); open {
-				break
-			}
-			if time.Now().After(expiry.Add(2 * DefaultRetryPeriod * 3)) {
-				t.Fatal("b never took over")
-			}
-			time.Sleep(time.Millisecond)
-		}
-		took := time.Now()
+		expiry := crashAndExpiry(t, api, b, "store-0", DefaultLeaseDuration)
+		took := awaitGate(t, b, expiry.Add(6*DefaultRetryPeriod), "b never took over")
 		if took.Before(expiry) {
 			t.Fatalf("b took over %s before the Lease expired by its own observation", expiry.Sub(took))
 		}
@@ -465,21 +452,8 @@ func TestElector_SilentLeader_HoldersLongerLeaseIsWaitedOut(t *testing.T) {
 		stopB := run(b)
 		defer stopB()
 		time.Sleep(3 * DefaultRetryPeriod)
-		api.crashed.Store("store-0")
-		time.Sleep(3 * DefaultRetryPeriod)
-		b.mu.Lock()
-		expiry := b.changedAt.Add(DefaultLeaseDuration)
-		b.mu.Unlock()
-		for {
-			if _, open := b.WriteGate(); open {
-				break
-			}
-			if time.Now().After(expiry.Add(time.Minute)) {
-				t.Fatal("b never took over")
-			}
-			time.Sleep(time.Millisecond)
-		}
-		if took := time.Now(); took.Before(expiry) {
+		expiry := crashAndExpiry(t, api, b, "store-0", DefaultLeaseDuration) // the holder's lease
+		if took := awaitGate(t, b, expiry.Add(time.Minute), "b never took over"); took.Before(expiry) {
 			t.Fatalf("b took over %s before the holder's 15 s lease ran out (its own is 5 s)", expiry.Sub(took))
 		}
 	})
@@ -493,27 +467,42 @@ func TestElector_TakeoverWhileAPIServerDown_RetriedEachRetryPeriod(t *testing.T)
 		_, b, stopA, stopB := leaderAndFollower(t, api)
 		defer stopB()
 		defer stopA()
-		api.crashed.Store("store-0")
-		time.Sleep(3 * DefaultRetryPeriod)
-		b.mu.Lock()
-		expiry := b.changedAt.Add(DefaultLeaseDuration)
-		b.mu.Unlock()
+		expiry := crashAndExpiry(t, api, b, "store-0", DefaultLeaseDuration)
 		time.Sleep(time.Until(expiry) - time.Millisecond)
 		api.down.Store(true)
 		time.Sleep(3 * DefaultRetryPeriod)
 		back := time.Now()
 		api.down.Store(false)
-		for {
-			if _, open := b.WriteGate(); open {
-				break
-			}
-			if time.Since(back) > DefaultLeaseDuration {
-				t.Fatal("b did not take over within a lease of the apiserver's return")
-			}
-			time.Sleep(time.Millisecond)
-		}
-		if d := time.Since(back); d > DefaultRetryPeriod {
+		took := awaitGate(t, b, back.Add(DefaultLeaseDuration), "b did not take over within a lease of the apiserver's return")
+		if d := took.Sub(back); d > DefaultRetryPeriod {
 			t.Fatalf("b took over %s after the apiserver came back, want within one retry period (%s)", d, DefaultRetryPeriod)
 		}
 	})
+}
+
+// crashAndExpiry makes a's writes fail as if it had crashed, lets b poll
+// the Lease, and returns when b counts a's Lease as expired by its own
+// observation (of a's last renewal). Call inside a synctest bubble.
+func crashAndExpiry(t *testing.T, api *apiserver, b *Elector, crashed string, lease time.Duration) time.Time {
+	t.Helper()
+	api.crashed.Store(crashed)         // neither renews nor releases from now on
+	time.Sleep(3 * DefaultRetryPeriod) // b has polled since the last renewal
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.changedAt.Add(lease)
+}
+
+// awaitGate returns the (bubble) time at which e's write gate opened,
+// failing the test if it is still shut at giveUp.
+func awaitGate(t *testing.T, e *Elector, giveUp time.Time, what string) time.Time {
+	t.Helper()
+	for {
+		if _, open := e.WriteGate(); open {
+			return time.Now()
+		}
+		if time.Now().After(giveUp) {
+			t.Fatal(what)
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
