@@ -23,8 +23,13 @@
 // What it guarantees:
 //   - A request a Transport returns an error for with a *net.OpError whose
 //     Op is "dial" was never seen by the peer: it is safe to send again
-//     anywhere. That covers failed connects and handshakes, and requests
-//     the peer's graceful shutdown announced it would not read (GOAWAY).
+//     anywhere. That covers failed connects and handshakes, a transient
+//     refusal of the upgrade (503), requests the peer's graceful shutdown
+//     announced it would not read (GOAWAY), and requests still queued
+//     behind a write that timed out.
+//   - A peer that reads nothing for Transport.WriteTimeout (dead, or paused
+//     with its socket buffers full) loses the connection; the next request
+//     connects again rather than queueing behind it.
 //   - Any other error means the peer may have received and served it.
 //   - Server.Shutdown serves every request it has read, sends its
 //     response, and only then closes the connection.
