@@ -126,6 +126,16 @@ func TestTransport_PeerWithoutUpgrade_UsesFallback(t *testing.T) {
 			t.Fatalf("through the fallback: %d %q", resp.StatusCode, got)
 		}
 	}
+	// A GET goes through the fallback too, with no body at all.
+	var te atomic.Value
+	inner := ps.Config.Handler
+	ps.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		te.Store(fmt.Sprint(r.TransferEncoding))
+		inner.ServeHTTP(w, r)
+	})
+	if resp, _ := do(t, client, http.MethodGet, ps.URL+"/k", nil, nil); resp.StatusCode != http.StatusAccepted || te.Load() != "[]" {
+		t.Fatalf("GET through the fallback: %d, transfer encoding %v", resp.StatusCode, te.Load())
+	}
 	if got := ps.upgrades.Load(); got != 0 {
 		t.Errorf("%d upgrades on a peer that offers none", got)
 	}

@@ -89,6 +89,10 @@ func (t *Transport) fallback(req *http.Request, body io.Reader, n int64) (*http.
 		io.Closer
 	}{body, closerOrNop(orig)}
 	req.ContentLength = n
+	if n == 0 {
+		// No body rather than an empty one net/http would have to probe.
+		req.Body = http.NoBody
+	}
 	return t.Fallback.RoundTrip(req)
 }
 
