@@ -283,6 +283,16 @@ func TestForward_WritesTravelOverOnePeerStream(t *testing.T) {
 	if r := p.leader.do("GET", PeerStreamPath, "", HeaderPeerToken, testToken); r.status != 426 || errorCode(t, r.body) != "upgrade_required" {
 		t.Errorf("plain GET of the stream endpoint: %d %s", r.status, r.body)
 	}
+	// A connection that cannot be taken over (here: no connection at all).
+	req := httptest.NewRequest(http.MethodGet, PeerStreamPath, nil)
+	req.Header.Set("Connection", "Upgrade")
+	req.Header.Set("Upgrade", peerhttp.Protocol)
+	req.Header.Set(HeaderPeerToken, testToken)
+	rec := httptest.NewRecorder()
+	p.leader.srv.ServeHTTP(rec, req)
+	if rec.Code != 501 || errorCode(t, rec.Body.String()) != "upgrade_unsupported" {
+		t.Errorf("upgrade on a connection that cannot be hijacked: %d %s", rec.Code, rec.Body.String())
+	}
 }
 
 // refuseStreams answers the peer-stream upgrade with 404, as a node of an
