@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"testing/synctest"
@@ -35,6 +36,9 @@ type apiserver struct {
 	// and so does the release it could no longer send; only a takeover
 	// by another node changes the Lease.
 	crashed atomic.Value
+	// onUpdate, if set, sees the holder of every Lease update that is let
+	// through, before it is applied.
+	onUpdate atomic.Pointer[func(holder string)]
 }
 
 func newAPIServer() *apiserver {
@@ -54,14 +58,29 @@ func newAPIServer() *apiserver {
 			if id := a.cutOff.Load().(string); id != "" && h == id {
 				return true, nil, errors.New("partitioned from the apiserver")
 			}
-			if id := a.crashed.Load().(string); id != "" && (h == id || h == "") {
+			if id := a.crashed.Load().(string); id != "" && (h == id || (h == "" && a.storedHolder() == id)) {
 				return true, nil, errors.New("the holder has crashed")
+			}
+			if f := a.onUpdate.Load(); f != nil {
+				(*f)(h)
 			}
 		}
 		return false, nil, nil
 	}
 	a.PrependReactor("*", "leases", react)
 	return a
+}
+
+// storedHolder is the holder of the Lease as stored now.
+func (a *apiserver) storedHolder() string {
+	obj, err := a.Tracker().Get(coordinationv1.SchemeGroupVersion.WithResource("leases"), ns, DefaultLeaseName)
+	if err != nil {
+		return ""
+	}
+	if h := obj.(*coordinationv1.Lease).Spec.HolderIdentity; h != nil {
+		return *h
+	}
+	return ""
 }
 
 func newElector(t *testing.T, api *apiserver, id string) *Elector {
@@ -505,4 +524,43 @@ func awaitGate(t *testing.T, e *Elector, giveUp time.Time, what string) time.Tim
 		}
 		time.Sleep(time.Millisecond)
 	}
+}
+
+// Shutdown that begins while the takeover's write is in flight: the node
+// gives the Lease straight back instead of holding it with nobody renewing.
+func TestElector_StopDuringTakeover_LeaseReleased(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		api := newAPIServer()
+		_, b, stopA, stopB := leaderAndFollower(t, api)
+		defer stopA()
+		var (
+			mu      sync.Mutex
+			holders []string // holders written after the crash, in order
+		)
+		hook := func(h string) {
+			if h == "store-0" {
+				return // a's last renewals, before its crash
+			}
+			mu.Lock()
+			holders = append(holders, h)
+			first := len(holders) == 1
+			mu.Unlock()
+			if first && h == "store-1" {
+				b.Stop() // shutdown begins while the takeover is on its way
+			}
+		}
+		api.onUpdate.Store(&hook)
+		expiry := crashAndExpiry(t, api, b, "store-0", DefaultLeaseDuration)
+		time.Sleep(time.Until(expiry) + time.Millisecond)
+		synctest.Wait()
+		stopB()
+		mu.Lock()
+		defer mu.Unlock()
+		if len(holders) < 2 || holders[0] != "store-1" || holders[1] != "" {
+			t.Fatalf("Lease writes after the crash: %q, want the takeover and then its release", holders)
+		}
+		if _, open := b.WriteGate(); open {
+			t.Fatal("b opened its write gate while stopping")
+		}
+	})
 }

@@ -453,3 +453,27 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 		time.Sleep(time.Millisecond)
 	}
 }
+
+// Shutdown whose context has run out cancels the handlers still running
+// but returns only once they are done: a handler finishing a commit after
+// Shutdown returned could race whatever its caller does next.
+func TestServer_ShutdownExpired_WaitsForCancelledHandlers(t *testing.T) {
+	entered := make(chan struct{})
+	var finished atomic.Bool
+	ps := newPeerServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		close(entered)
+		<-r.Context().Done()
+		time.Sleep(100 * time.Millisecond) // the work it had started
+		finished.Store(true)
+	}), true)
+	go func() { _, _ = (&http.Client{Transport: newTransport(t)}).Get(ps.URL + "/x") }()
+	<-entered
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := ps.peer.Shutdown(ctx); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Shutdown: %v, want the context's error", err)
+	}
+	if !finished.Load() {
+		t.Fatal("Shutdown returned while a cancelled handler was still running")
+	}
+}
