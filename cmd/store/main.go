@@ -1,17 +1,19 @@
 // Command store runs one node of the replicated JSON key-value store.
 //
-// A request's path: main builds storage.DB (the bbolt file) and api.Server
-// (the HTTP routes in internal/api/server.go) and serves it; every write goes
-// through api.Server.put/delete into storage.DB.Apply, which group-commits and
-// fsyncs before the response is sent.
+// A request's path: main builds storage.DB (the bbolt file), node.Node
+// (internal/node: where each request is served) and api.Server (the HTTP
+// routes) and serves it. A PUT goes api.Server.put (parse and validate) →
+// node.Node.Write → storage.DB.Apply, which group-commits and fsyncs before
+// the response is sent.
 //
 // Without Kubernetes configuration the store runs as a single node on a
 // local bbolt file. With it, main adds election.Elector (the Lease) and
-// replication.Cluster: a write reaching a follower is forwarded to the
-// leader (api/forward.go), which commits it and replicates it to the key's
-// owners (replication.Cluster.Write); a read goes to an owner
-// (api/replicated.go), which confirms it with the leader for
-// consistency=strong (replication.Cluster.ReadStrong).
+// replication.Cluster: node.Node.Write applies a write on the leader
+// (node/write.go: applyLeader, which commits it and replicates it to the
+// key's owners through replication.Cluster.Write) and forwards it there
+// from any other node over the typed peer calls of internal/transport; a
+// read goes to an owner (node/read.go), which confirms it with the leader
+// for consistency=strong (replication.Cluster.ReadStrong).
 package main
 
 import (
@@ -43,8 +45,11 @@ import (
 	"github.com/statefulkv/store/internal/api"
 	"github.com/statefulkv/store/internal/election"
 	"github.com/statefulkv/store/internal/membership"
+	"github.com/statefulkv/store/internal/node"
+	"github.com/statefulkv/store/internal/peerhttp"
 	"github.com/statefulkv/store/internal/replication"
 	"github.com/statefulkv/store/internal/storage"
+	"github.com/statefulkv/store/internal/transport"
 )
 
 // version is stamped at build time (-ldflags "-X main.version=v1.2.3");
@@ -181,6 +186,17 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 		elector  *election.Elector
 		cluster  *replication.Cluster
 		peerAddr func(string) (string, error)
+		nd       *node.Node
+		nodeCfg  = node.Config{Self: cfg.nodeID, Store: db, Logger: log}
+		apiCfg   = api.Config{
+			NodeID:        cfg.nodeID,
+			BuildVersion:  buildVersion(),
+			Stats:         db,
+			MaxValueBytes: cfg.maxValueBytes,
+			Logger:        log,
+			Registerer:    reg,
+			Gatherer:      reg,
+		}
 	)
 	if restCfg != nil {
 		if len(cfg.peerToken) < 16 {
@@ -203,11 +219,7 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 			EpochFloor:    db.FenceEpoch,
 			// Tell the other members at once, so they forward to this node
 			// now rather than after their next poll of the Lease.
-			OnElected: func(epoch uint64) {
-				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-				defer cancel()
-				api.NotifyLeader(ctx, cfg.nodeID, epoch, cluster.Members(), peerAddr, cfg.peerToken)
-			},
+			OnElected: func(epoch uint64) { nd.NotifyLeader(context.Background(), epoch) },
 		})
 		if err != nil {
 			return err
@@ -245,23 +257,44 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 		}
 	}
 
-	apiCfg := api.Config{
-		NodeID:        cfg.nodeID,
-		BuildVersion:  buildVersion(),
-		Store:         db,
-		MaxValueBytes: cfg.maxValueBytes,
-		Logger:        log,
-		Registerer:    reg,
-		Gatherer:      reg,
-	}
 	if elector != nil {
-		apiCfg.PeerToken = cfg.peerToken
+		// Calls to the other nodes (forwarded writes, reads handed to an
+		// owner, notices) share one multiplexed connection per peer.
+		streams := &peerhttp.Transport{
+			Path:   api.PeerStreamPath,
+			Header: http.Header{transport.TokenHeader: {cfg.peerToken}},
+			Fallback: &http.Transport{
+				Proxy:               nil, // peers are never reached through a proxy
+				DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+				MaxIdleConns:        256,
+				MaxIdleConnsPerHost: 256,
+				IdleConnTimeout:     90 * time.Second,
+			},
+			DialTimeout: 2 * time.Second,
+		}
+		// Closed after the HTTP server and the peer streams drained (defers
+		// run in reverse), so a hand-off never lacks its connections.
+		defer streams.Close()
+		peers, err := transport.NewHTTP(transport.HTTPConfig{Addr: peerAddr, Token: cfg.peerToken, RoundTripper: streams})
+		if err != nil {
+			return err
+		}
 		// Writes wait for the new leader's catch-up, not just the Lease.
-		apiCfg.Leadership = caughtUpLeadership{elector, cluster}
-		apiCfg.Replication = cluster
-		apiCfg.ReplicationTimeout = cfg.replicationTimeout
+		nodeCfg.Leadership = caughtUpLeadership{elector, cluster}
+		nodeCfg.Replication = cluster
+		nodeCfg.Peers = peers
+		nodeCfg.ReplicationTimeout = cfg.replicationTimeout
+		nodeCfg.ForwardTimeout = forwardTimeout(cfg.leaseDuration, cfg.retryPeriod)
+		apiCfg.PeerToken = cfg.peerToken
 		apiCfg.PeerAddr = peerAddr
-		apiCfg.ForwardTimeout = forwardTimeout(cfg.leaseDuration, cfg.retryPeriod)
+		apiCfg.Replication = cluster
+	}
+	if nd, err = node.New(nodeCfg); err != nil {
+		return err
+	}
+	apiCfg.Node = nd
+	if elector != nil {
+		apiCfg.Peers = nd.Service()
 	}
 	srv, err := api.New(apiCfg)
 	if err != nil {
@@ -355,9 +388,7 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 		elector.Stop()
 		cancelElection()
 		<-electionDone
-		notifyCtx, cancelNotify := context.WithTimeout(context.Background(), 2*time.Second)
-		api.NotifyLeaseReleased(notifyCtx, cfg.nodeID, cluster.Members(), apiCfg.PeerAddr, cfg.peerToken)
-		cancelNotify()
+		nd.NotifyLeaseReleased(context.Background())
 		log.Info("left the election (the Lease is released if this node held it)")
 	}
 	log.Info("shut down cleanly")

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/statefulkv/store/internal/api"
+	"github.com/statefulkv/store/internal/node"
 	"github.com/statefulkv/store/internal/storage"
 )
 
@@ -45,7 +46,11 @@ func TestRun_AgainstARealStore(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer db.Close()
-	srv, err := api.New(api.Config{NodeID: "load-test", Store: db})
+	nd, err := node.New(node.Config{Self: "load-test", Store: db})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := api.New(api.Config{NodeID: "load-test", Node: nd, Stats: db})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -13,7 +13,7 @@ import (
 // benchNode serves the real API over loopback HTTP with fsync on.
 func benchNode(b *testing.B) (string, *http.Client) {
 	b.Helper()
-	n := startNode(b, Config{NodeID: "bench"}, nil)
+	n := startNode(b, nodeOpts{api: Config{NodeID: "bench"}})
 	return n.url, &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256}}
 }
 

@@ -7,8 +7,10 @@ import (
 	"log/slog"
 	"net/http"
 
+	"github.com/statefulkv/store/internal/node"
 	"github.com/statefulkv/store/internal/peerhttp"
 	"github.com/statefulkv/store/internal/storage"
+	"github.com/statefulkv/store/internal/transport"
 )
 
 // Client errors raised by the HTTP layer itself. Each is wrapped with a
@@ -25,6 +27,7 @@ var (
 	errRouteNotFound       = errors.New("no such route")
 	errMethodNotAllowed    = errors.New("method not allowed")
 	errNotReady            = errors.New("not ready")
+	errPeerAuth            = errors.New("peer authentication failed")
 )
 
 // errorTable is the one place where errors become HTTP statuses and the
@@ -40,6 +43,7 @@ var errorTable = []struct {
 	{errInvalidParameter, http.StatusBadRequest, "invalid_parameter"},
 	{errInvalidPrecondition, http.StatusBadRequest, "invalid_precondition"},
 	{errInvalidRequestID, http.StatusBadRequest, "invalid_request_id"},
+	{node.ErrInvalidRequest, http.StatusBadRequest, "invalid_request"},
 	{errPeerAuth, http.StatusUnauthorized, "peer_unauthenticated"},
 	{errRouteNotFound, http.StatusNotFound, "route_not_found"},
 	{peerhttp.ErrNotUpgrade, http.StatusUpgradeRequired, "upgrade_required"},
@@ -51,14 +55,14 @@ var errorTable = []struct {
 	{errUnsupportedMedia, http.StatusUnsupportedMediaType, "unsupported_media_type"},
 	{errNotReady, http.StatusServiceUnavailable, "not_ready"},
 	{peerhttp.ErrServerClosed, http.StatusServiceUnavailable, "shutting_down"},
-	{errTooStale, http.StatusServiceUnavailable, "too_stale"},
-	{errReadUnconfirmed, http.StatusServiceUnavailable, "read_unconfirmed"},
-	{errNotLeader, http.StatusServiceUnavailable, "not_leader"},
-	{errNoLeader, http.StatusServiceUnavailable, "no_leader"},
+	{node.ErrTooStale, http.StatusServiceUnavailable, "too_stale"},
+	{node.ErrReadUnconfirmed, http.StatusServiceUnavailable, "read_unconfirmed"},
+	{node.ErrNotLeader, http.StatusServiceUnavailable, "not_leader"},
+	{node.ErrNoLeader, http.StatusServiceUnavailable, "no_leader"},
 	{storage.ErrStaleEpoch, http.StatusServiceUnavailable, "stale_epoch"},
-	{errLeaderTimeout, http.StatusGatewayTimeout, "outcome_unknown"},
-	{errReplicasTimeout, http.StatusGatewayTimeout, "outcome_unknown"},
-	{errOutcomeUnknown, http.StatusBadGateway, "outcome_unknown"},
+	{node.ErrLeaderTimeout, http.StatusGatewayTimeout, "outcome_unknown"},
+	{node.ErrReplicasTimeout, http.StatusGatewayTimeout, "outcome_unknown"},
+	{node.ErrOutcomeUnknown, http.StatusBadGateway, "outcome_unknown"},
 	{storage.ErrSyncFailed, http.StatusBadGateway, "outcome_unknown"},
 	{storage.ErrRequestIDReused, http.StatusConflict, "request_id_reused"},
 	{storage.ErrClosed, http.StatusServiceUnavailable, "shutting_down"},
@@ -80,8 +84,13 @@ type errorDetail struct {
 	CurrentVersion string `json:"current_version,omitempty"`
 }
 
-// classify maps err to its status and code; unknown errors are 500s.
+// classify maps err to its status and code; unknown errors are 500s. A
+// peer's refusal that a node relays keeps the status and code the peer's
+// own table gave it.
 func classify(err error) (int, string) {
+	if te, ok := errors.AsType[*transport.Error](err); ok {
+		return te.Status, te.Code
+	}
 	for _, row := range errorTable {
 		if errors.Is(err, row.err) {
 			return row.status, row.code
@@ -93,31 +102,70 @@ func classify(err error) (int, string) {
 // writeError writes err as the JSON error body. 500s hide their message from
 // the client (it may name files or internals) and are logged instead.
 func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
+	if rd, ok := errors.AsType[*node.Redirect](err); ok {
+		s.redirect(w, r, rd)
+		return
+	}
 	status, code := classify(err)
 	d := errorDetail{Code: code, Message: err.Error()}
-	var ce *storage.ConditionError
-	if errors.As(err, &ce) {
+	if cur := currentVersion(err); !cur.IsZero() {
+		d.CurrentVersion = cur.String()
+		w.Header().Set("ETag", etag(cur))
+	}
+	if ce, ok := errors.AsType[*storage.ConditionError](err); ok {
 		d.Message = ce.Error() // without the storage-internal prefixes
-		if !ce.Current.IsZero() {
-			d.CurrentVersion = ce.Current.String()
-			w.Header().Set("ETag", etag(ce.Current))
-		}
 	}
-	// 503s are expected while leadership moves and clients retry them, so
-	// they are debug noise; unknown outcomes deserve a look; 500s are bugs.
-	level := slog.LevelDebug
-	switch {
-	case status == http.StatusInternalServerError:
-		level = slog.LevelError
+	if status == http.StatusInternalServerError {
 		d.Message = "internal error; see the server log"
-	case status >= 500 && status != http.StatusServiceUnavailable:
-		level = slog.LevelWarn
 	}
-	s.log.Log(r.Context(), level, "request failed", "method", r.Method, "path", r.URL.Path, "status", status, "err", err)
+	s.logFailure(r.Context(), "request failed", status, err, "method", r.Method, "path", r.URL.Path)
 	if status == http.StatusServiceUnavailable {
 		w.Header().Set("Retry-After", "1")
 	}
 	writeJSON(w, status, errorBody{Error: d})
+}
+
+// currentVersion is the key's version a failed precondition reports, here
+// or at the peer that refused it.
+func currentVersion(err error) storage.Version {
+	if te, ok := errors.AsType[*transport.Error](err); ok {
+		return storage.Version(te.Current)
+	}
+	if ce, ok := errors.AsType[*storage.ConditionError](err); ok {
+		return ce.Current
+	}
+	return storage.Version{}
+}
+
+// wireError is how this node's errors travel to the peer that sent the
+// call (transport.ErrorFunc): the status and code of the one table, so the
+// peer answers its client exactly as this node would have. It logs like
+// writeError.
+func (s *Server) wireError(err error) *transport.Error {
+	status, code := classify(err)
+	s.logFailure(context.Background(), "peer call failed", status, err)
+	msg := err.Error()
+	if ce, ok := errors.AsType[*storage.ConditionError](err); ok {
+		msg = ce.Error()
+	}
+	if status == http.StatusInternalServerError {
+		msg = "internal error on the peer; see its log"
+	}
+	return &transport.Error{Status: status, Code: code, Message: msg, Current: transport.Version(currentVersion(err))}
+}
+
+// logFailure logs a failed request. 503s are expected while leadership
+// moves and clients retry them, so they are debug noise; unknown outcomes
+// deserve a look; 500s are bugs.
+func (s *Server) logFailure(ctx context.Context, msg string, status int, err error, attrs ...any) {
+	level := slog.LevelDebug
+	switch {
+	case status == http.StatusInternalServerError:
+		level = slog.LevelError
+	case status >= 500 && status != http.StatusServiceUnavailable:
+		level = slog.LevelWarn
+	}
+	s.log.Log(ctx, level, msg, append(attrs, "status", status, "err", err)...)
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {

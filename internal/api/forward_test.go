@@ -13,8 +13,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/statefulkv/store/internal/node"
 	"github.com/statefulkv/store/internal/peerhttp"
 	"github.com/statefulkv/store/internal/storage"
+	"github.com/statefulkv/store/internal/transport"
 )
 
 // fakeLeadership is a hand-written Leadership with settable state.
@@ -94,16 +96,38 @@ func newPair(t *testing.T, leaderWrap func(http.Handler) http.Handler) *pair {
 		defer p.peersMu.Unlock()
 		return p.peers[id], nil
 	}
-	node := func(id string, ls *fakeLeadership, wrap func(http.Handler) http.Handler) *testNode {
-		return startNode(t, Config{NodeID: id, Leadership: ls, PeerAddr: peerAddr, ForwardTimeout: 500 * time.Millisecond, PeerToken: testToken}, wrap)
+	start := func(id string, ls *fakeLeadership, wrap func(http.Handler) http.Handler) *testNode {
+		return startNode(t, nodeOpts{
+			api:  Config{NodeID: id, PeerAddr: peerAddr, PeerToken: testToken},
+			node: node.Config{Leadership: ls, Peers: realPeers(t, peerAddr), ForwardTimeout: 500 * time.Millisecond, Members: func() []string { return []string{"n-leader", "n-follower"} }},
+			wrap: wrap,
+		})
 	}
-	p.leader = node("n-leader", p.leaderLS, leaderWrap)
-	p.follower = node("n-follower", p.followerLS, nil)
+	p.leader = start("n-leader", p.leaderLS, leaderWrap)
+	p.follower = start("n-follower", p.followerLS, nil)
 	p.peers["n-leader"] = strings.TrimPrefix(p.leader.url, "http://")
 	p.peers["n-follower"] = strings.TrimPrefix(p.follower.url, "http://")
 	p.leaderLS.set("n-leader", 3, true)
 	p.followerLS.set("n-leader", 3, false)
 	return p
+}
+
+// realPeers is the transport a node of cmd/store uses: typed calls over
+// one multiplexed connection per peer, plain HTTP for a peer that refuses
+// it.
+func realPeers(t testing.TB, addr func(string) (string, error)) *transport.HTTP {
+	streams := &peerhttp.Transport{
+		Path:        PeerStreamPath,
+		Header:      http.Header{HeaderPeerToken: {testToken}},
+		Fallback:    &http.Transport{Proxy: nil},
+		DialTimeout: time.Second,
+	}
+	t.Cleanup(func() { _ = streams.Close() })
+	peers, err := transport.NewHTTP(transport.HTTPConfig{Addr: addr, Token: testToken, RoundTripper: streams})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return peers
 }
 
 func TestForward_FollowerWriteLandsOnLeader(t *testing.T) {
@@ -413,14 +437,10 @@ func TestForward_PeerHeadersNeedTheToken(t *testing.T) {
 
 func TestLeaseReleased_NudgesPeersWithTheTokenOnly(t *testing.T) {
 	p := newPair(t, nil)
-	if r := p.follower.do("POST", LeaseReleasedPath, ""); r.status != 401 {
+	if r := p.follower.do("POST", transport.LeaseReleasedPath, ""); r.status != 401 {
 		t.Fatalf("without the token: %d %s", r.status, r.body)
 	}
-	NotifyLeaseReleased(context.Background(), "n-leader", []string{"n-leader", "n-follower"}, func(id string) (string, error) {
-		p.peersMu.Lock()
-		defer p.peersMu.Unlock()
-		return p.peers[id], nil
-	}, testToken)
+	p.leader.nd.NotifyLeaseReleased(context.Background())
 	if p.followerLS.nudged != 1 || p.leaderLS.nudged != 0 {
 		t.Fatalf("nudged follower %d, leader %d; want 1 and 0", p.followerLS.nudged, p.leaderLS.nudged)
 	}
@@ -429,22 +449,17 @@ func TestLeaseReleased_NudgesPeersWithTheTokenOnly(t *testing.T) {
 func TestLeaderHint_FollowerRoutesToTheNewLeaderAtOnce(t *testing.T) {
 	p := newPair(t, nil)
 	p.followerLS.set("n-gone", 2, false) // still believes in a dead leader
-	peerAddr := func(id string) (string, error) {
-		p.peersMu.Lock()
-		defer p.peersMu.Unlock()
-		return p.peers[id], nil
-	}
-	NotifyLeader(context.Background(), "n-leader", 3, []string{"n-leader", "n-follower"}, peerAddr, testToken)
+	p.leader.nd.NotifyLeader(context.Background(), 3)
 	if id, ep := p.followerLS.Leader(); id != "n-leader" || ep != 3 {
 		t.Fatalf("follower after the hint: %s %d", id, ep)
 	}
 	if r := p.follower.do("PUT", "/v1/kv/a", `1`); r.status != 201 || r.header.Get(HeaderLeader) != "n-leader" {
 		t.Fatalf("write after the hint: %d %s", r.status, r.body)
 	}
-	if r := p.follower.do("POST", LeaderPath, `{"leader":"x","epoch":9}`); r.status != 401 {
+	if r := p.follower.do("POST", transport.LeaderPath, `{"leader":"x","epoch":9}`); r.status != 401 {
 		t.Fatalf("hint without the token: %d", r.status)
 	}
-	if r := p.follower.do("POST", LeaderPath, `{"leader":""}`, HeaderPeerToken, testToken); r.status != 400 {
+	if r := p.follower.do("POST", transport.LeaderPath, `{"leader":""}`, HeaderPeerToken, testToken); r.status != 400 {
 		t.Fatalf("malformed hint: %d", r.status)
 	}
 }
@@ -466,22 +481,13 @@ func (g gateClosingStore) Apply(ctx context.Context, m storage.Mutation) (storag
 // X-Store-Epoch"; a write whose gate closed during the fsync is not
 // acknowledged but reported as outcome_unknown.
 func TestLeader_GateClosesDuringCommit_OutcomeUnknownNotAck(t *testing.T) {
-	db, err := storage.Open(t.TempDir(), storage.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
 	ls := &fakeLeadership{}
 	ls.set("n-leader", 3, true)
-	srv, err := New(Config{NodeID: "n-leader", Store: gateClosingStore{db, ls}, Leadership: ls, PeerToken: testToken,
-		PeerAddr: func(string) (string, error) { return "127.0.0.1:1", nil }, ForwardTimeout: 300 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv.SetReady(true)
-	hs := httptest.NewServer(srv)
-	defer hs.Close()
-	n := &testNode{t: t, db: db, srv: srv, url: hs.URL}
+	n := startNode(t, nodeOpts{
+		api:   Config{NodeID: "n-leader", PeerToken: testToken, PeerAddr: func(string) (string, error) { return "127.0.0.1:1", nil }},
+		node:  node.Config{Leadership: ls, Peers: transport.NewInMem().Client("n-leader"), ForwardTimeout: 300 * time.Millisecond},
+		store: func(db *storage.DB) node.Store { return gateClosingStore{db, ls} },
+	})
 	r := n.do("PUT", "/v1/kv/a", `1`)
 	if r.status != 502 || errorCode(t, r.body) != "outcome_unknown" || r.header.Get(HeaderLeader) != "" {
 		t.Fatalf("write whose gate closed during commit: %d %s leader %q", r.status, r.body, r.header.Get(HeaderLeader))

@@ -9,9 +9,12 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"time"
 	"unicode"
 	"unicode/utf8"
 
+	"github.com/statefulkv/store/internal/node"
+	"github.com/statefulkv/store/internal/replication"
 	"github.com/statefulkv/store/internal/storage"
 )
 
@@ -103,8 +106,8 @@ func describeJSONError(body []byte) string {
 	return "body is not a single JSON value"
 }
 
-// conditions parses If-Match / If-None-Match into the mutation.
-func conditions(r *http.Request, m *storage.Mutation) error {
+// conditions parses If-Match / If-None-Match into the write.
+func conditions(r *http.Request, m *node.Write) error {
 	ifMatch := strings.TrimSpace(r.Header.Get("If-Match"))
 	ifNone := strings.TrimSpace(r.Header.Get("If-None-Match"))
 	if ifMatch != "" && ifNone != "" {
@@ -145,23 +148,22 @@ func parseETag(s string) (storage.Version, error) {
 func etag(v storage.Version) string { return `"` + v.String() + `"` }
 
 // listParams parses GET /v1/kv's query.
-func listParams(r *http.Request) (prefix, after string, limit int, err error) {
+func listParams(r *http.Request) (node.ListOptions, error) {
 	q := r.URL.Query()
-	prefix, after = q.Get("prefix"), q.Get("after")
-	for name, v := range map[string]string{"prefix": prefix, "after": after} {
+	opts := node.ListOptions{Prefix: q.Get("prefix"), After: q.Get("after"), Limit: defaultListLimit}
+	for name, v := range map[string]string{"prefix": opts.Prefix, "after": opts.After} {
 		if len(v) > MaxKeyBytes || !utf8.ValidString(v) {
-			return "", "", 0, fmt.Errorf("%w: %s must be valid UTF-8 of at most %d bytes", errInvalidParameter, name, MaxKeyBytes)
+			return opts, fmt.Errorf("%w: %s must be valid UTF-8 of at most %d bytes", errInvalidParameter, name, MaxKeyBytes)
 		}
 	}
-	limit = defaultListLimit
 	if s := q.Get("limit"); s != "" {
 		n, convErr := strconv.Atoi(s)
 		if convErr != nil || n < 1 || n > maxListLimit {
-			return "", "", 0, fmt.Errorf("%w: limit must be an integer from 1 to %d, got %q", errInvalidParameter, maxListLimit, s)
+			return opts, fmt.Errorf("%w: limit must be an integer from 1 to %d, got %q", errInvalidParameter, maxListLimit, s)
 		}
-		limit = n
+		opts.Limit = n
 	}
-	return prefix, after, limit, nil
+	return opts, nil
 }
 
 const (
@@ -181,4 +183,76 @@ func validateRequestID(id string) error {
 		}
 	}
 	return nil
+}
+
+// parseWrite parses what a PUT (but its body) or a DELETE says besides the
+// value: key, preconditions, request id and ack level. Everything is
+// checked here, so a follower refuses bad input before forwarding.
+func (s *Server) parseWrite(r *http.Request, del bool) (node.Write, error) {
+	key, err := keyFromPath(r)
+	if err != nil {
+		return node.Write{}, err
+	}
+	w := node.Write{Key: key, Delete: del, RequestID: r.Header.Get(HeaderRequestID)}
+	if err := conditions(r, &w); err != nil {
+		return w, err
+	}
+	if del && w.IfAbsent {
+		return w, fmt.Errorf("%w: If-None-Match: * cannot apply to DELETE", errInvalidPrecondition)
+	}
+	// A client's own id makes its retries idempotent. A request without one
+	// gets an id only if it is forwarded, where the node's retries need it;
+	// one served here directly has nobody to retry it, so it costs no id
+	// record.
+	if err := validateRequestID(w.RequestID); err != nil {
+		return w, err
+	}
+	if w.Ack, err = parseAck(r); err != nil {
+		return w, err
+	}
+	return w, nil
+}
+
+func parseAck(r *http.Request) (replication.AckLevel, error) {
+	ack, err := replication.ParseAck(r.URL.Query().Get("ack"))
+	if err != nil {
+		return ack, fmt.Errorf("%w: %w", errInvalidParameter, err)
+	}
+	return ack, nil
+}
+
+// parseReadOptions reads a GET's consistency=… and max_stale=….
+func parseReadOptions(r *http.Request) (node.ReadOptions, error) {
+	q := r.URL.Query()
+	var o node.ReadOptions
+	switch c := q.Get("consistency"); c {
+	case "", "strong":
+	case "stale":
+		o.Stale = true
+	default:
+		return o, fmt.Errorf("%w: consistency=%q: use strong (the default) or stale", errInvalidParameter, c)
+	}
+	if s := q.Get("max_stale"); s != "" {
+		d, err := time.ParseDuration(s)
+		if err != nil || d <= 0 {
+			return o, fmt.Errorf("%w: max_stale=%q: use a positive duration such as 2s or 500ms", errInvalidParameter, s)
+		}
+		if !o.Stale {
+			return o, fmt.Errorf("%w: max_stale applies only with consistency=stale", errInvalidParameter)
+		}
+		o.MaxStale = d
+	}
+	return o, nil
+}
+
+// origin reads where a request came from: ?redirect=true, and the peer
+// headers a node of an older version forwards with (peerAuth has checked
+// their token).
+func origin(r *http.Request) node.Origin {
+	o := node.Origin{ForwardedBy: r.Header.Get(HeaderForwarded)}
+	o.Redirect, _ = strconv.ParseBool(r.URL.Query().Get("redirect"))
+	if seen, err := strconv.ParseUint(r.Header.Get(HeaderSeenEpoch), 10, 64); err == nil {
+		o.SeenEpoch = seen
+	}
+	return o
 }

@@ -10,32 +10,45 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
-	"time"
-
-	"github.com/hashicorp/go-retryablehttp"
 
 	"github.com/go-chi/chi/v5"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/statefulkv/store/internal/node"
 	"github.com/statefulkv/store/internal/peerhttp"
 	"github.com/statefulkv/store/internal/replication"
-	"github.com/statefulkv/store/internal/storage"
+	"github.com/statefulkv/store/internal/transport"
 )
 
-// Store is what the HTTP layer needs from the local database. *storage.DB
+// Node is what the API needs from the node layer, which decides where each
+// request is served. *node.Node implements it.
+type Node interface {
+	Write(ctx context.Context, w node.Write, o node.Origin) (node.WriteResult, error)
+	Get(ctx context.Context, key string, opts node.ReadOptions, o node.Origin) (node.ReadResult, error)
+	List(ctx context.Context, opts node.ListOptions, o node.Origin) (node.ListResult, error)
+	// Role is this node's part in the cluster, for /v1/status.
+	Role() (role, leader string, epoch uint64)
+	// Clustered reports cluster mode (peer routes and headers exist).
+	Clustered() bool
+}
+
+// Stats is what /v1/status reports of the local database. *storage.DB
 // implements it.
-type Store interface {
-	// Get returns the live entry or an error wrapping storage.ErrNotFound.
-	Get(key string) (storage.Entry, error)
-	// Scan lists live entries in key order; see storage.DB.Scan.
-	Scan(prefix, after string, limit int) ([]storage.Entry, bool, error)
-	// Apply durably applies a mutation; it returns only after fsync.
-	Apply(ctx context.Context, m storage.Mutation) (storage.Result, error)
+type Stats interface {
 	// Size is the data file size in bytes.
 	Size() int64
 	// LastSeq is the highest sequence number assigned.
 	LastSeq() uint64
+}
+
+// Replication is replication's part of the HTTP surface in cluster mode.
+// *replication.Cluster implements it.
+type Replication interface {
+	// Status is replication's part of /v1/status.
+	Status() replication.Status
+	// Handler serves the replication peer endpoints (behind the token).
+	Handler() http.Handler
 }
 
 // Config configures a Server. Fields without a stated default are required.
@@ -44,13 +57,12 @@ type Config struct {
 	NodeID string
 	// BuildVersion is reported by /v1/status.
 	BuildVersion string
-	// Store holds the data.
-	Store Store
+	// Node serves every request.
+	Node Node
+	// Stats feeds /v1/status.
+	Stats Stats
 	// MaxValueBytes bounds a value's size. Default 1 MiB.
 	MaxValueBytes int64
-	// Epoch stamps versions assigned by this node. Default 1, which is what a
-	// single node without election uses.
-	Epoch uint64
 	// Logger receives one line per request (debug) and per failure.
 	// Default: slog.Default().
 	Logger *slog.Logger
@@ -58,26 +70,18 @@ type Config struct {
 	Registerer prometheus.Registerer
 	Gatherer   prometheus.Gatherer
 
-	// Leadership switches the node to cluster mode: writes are served by
-	// the leader and forwarded to it from other nodes; so are reads, unless
-	// Replication serves them at the key's owners. Nil means a single node
-	// that serves everything.
-	Leadership Leadership
-	// PeerAddr maps a node identity to host:port; required with Leadership.
-	PeerAddr func(id string) (string, error)
-	// ForwardTimeout bounds one forwarded request, retries included; it
-	// should cover a leader change (lease duration + retry period). Default 30s.
-	ForwardTimeout time.Duration
-	// PeerToken is the shared cluster secret nodes present to each other;
-	// required with Leadership, at least 16 bytes.
+	// The rest is for cluster mode (Node.Clustered).
+
+	// PeerToken is the shared cluster secret nodes present to each other,
+	// at least 16 bytes.
 	PeerToken string
-	// Replication, with Leadership, replicates writes to their owners and
-	// serves reads from replicas (see replicated.go). Without it a cluster
-	// node keeps every key on the leader alone.
+	// PeerAddr maps a node identity to host:port, for 307 redirects.
+	PeerAddr func(id string) (string, error)
+	// Peers is what this node serves to the typed calls of other nodes
+	// (node.Node.Service).
+	Peers transport.Service
+	// Replication, if set, serves the replication endpoints and status.
 	Replication Replication
-	// ReplicationTimeout bounds the wait for a write's ack level; past it
-	// the client gets 504 outcome_unknown. Default 5s.
-	ReplicationTimeout time.Duration
 }
 
 // DefaultMaxValueBytes is the default --max-value-bytes.
@@ -90,24 +94,16 @@ type Server struct {
 	ready   atomic.Bool
 	handler http.Handler
 	metrics *httpMetrics
-	// forwarder carries requests to the leader (cluster mode only).
-	forwarder *retryablehttp.Client
-	// readClient carries reads to replicas (cluster mode only).
-	readClient *http.Client
-	// peers serves, and peerTransport sends, the requests nodes forward
-	// to each other, over one multiplexed connection per peer
-	// (internal/peerhttp; cluster mode only).
-	peers         *peerhttp.Server
-	peerTransport *peerhttp.Transport
-	// idSeq numbers the request ids this node generates.
-	idSeq atomic.Uint64
+	// streams serves the multiplexed connections other nodes send their
+	// calls over (internal/peerhttp; cluster mode only).
+	streams *peerhttp.Server
 }
 
 // New validates cfg and builds the server. It starts not ready; call
 // SetReady once the node can serve.
 func New(cfg Config) (*Server, error) {
-	if cfg.Store == nil {
-		return nil, errors.New("api: Config.Store is required")
+	if cfg.Node == nil || cfg.Stats == nil {
+		return nil, errors.New("api: Config.Node and Config.Stats are required")
 	}
 	if cfg.MaxValueBytes == 0 {
 		cfg.MaxValueBytes = DefaultMaxValueBytes
@@ -115,23 +111,13 @@ func New(cfg Config) (*Server, error) {
 	if cfg.MaxValueBytes < 0 {
 		return nil, fmt.Errorf("api: MaxValueBytes must be positive, got %d", cfg.MaxValueBytes)
 	}
-	if cfg.Epoch == 0 {
-		cfg.Epoch = 1
-	}
-	if cfg.Leadership != nil && cfg.PeerAddr == nil {
-		return nil, errors.New("api: Config.PeerAddr is required with Leadership")
-	}
-	if cfg.Leadership != nil && len(cfg.PeerToken) < 16 {
-		return nil, errors.New("api: Config.PeerToken of at least 16 bytes is required with Leadership")
-	}
-	if cfg.ForwardTimeout <= 0 {
-		cfg.ForwardTimeout = 30 * time.Second
-	}
-	if cfg.Replication != nil && cfg.Leadership == nil {
-		return nil, errors.New("api: Config.Replication needs Leadership")
-	}
-	if cfg.ReplicationTimeout <= 0 {
-		cfg.ReplicationTimeout = 5 * time.Second
+	if cfg.Node.Clustered() {
+		switch {
+		case len(cfg.PeerToken) < 16:
+			return nil, errors.New("api: Config.PeerToken of at least 16 bytes is required in cluster mode")
+		case cfg.PeerAddr == nil || cfg.Peers == nil:
+			return nil, errors.New("api: Config.PeerAddr and Config.Peers are required in cluster mode")
+		}
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -146,34 +132,21 @@ func New(cfg Config) (*Server, error) {
 		metrics: newHTTPMetrics(cfg.Registerer),
 	}
 	s.handler = s.routes()
-	if cfg.Leadership != nil {
-		s.peers = &peerhttp.Server{Handler: s.handler}
-		s.forwarder = s.newForwarder()
-		s.readClient = &http.Client{Transport: s.forwarder.HTTPClient.Transport}
+	if cfg.Node.Clustered() {
+		s.streams = &peerhttp.Server{Handler: s.handler}
 	}
 	return s, nil
 }
 
 // Shutdown ends the peer connections once the HTTP server has drained:
-// requests other nodes forwarded here and this node has read are served
-// and answered, the rest are handed back unread so the sender retries
-// them elsewhere (see peerhttp). Then this node's own connections to its
-// peers close. It returns ctx's error if that takes too long.
+// calls other nodes sent here and this node has read are served and
+// answered, the rest are handed back unread so the sender retries them
+// elsewhere (see peerhttp). It returns ctx's error if that takes too long.
 func (s *Server) Shutdown(ctx context.Context) error {
-	if s.peers == nil {
+	if s.streams == nil {
 		return nil
 	}
-	err := s.peers.Shutdown(ctx)
-	_ = s.peerTransport.Close()
-	return err
-}
-
-// peerStream turns a peer's request into the multiplexed connection it
-// forwards requests over.
-func (s *Server) peerStream(w http.ResponseWriter, r *http.Request) {
-	if err := s.peers.Upgrade(w, r); err != nil {
-		s.writeError(w, r, fmt.Errorf("%s: %w", PeerStreamPath, err))
-	}
+	return s.streams.Shutdown(ctx)
 }
 
 // SetReady flips /readyz. main sets it false first thing on shutdown so the
@@ -186,7 +159,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.handler.S
 func (s *Server) routes() http.Handler {
 	r := chi.NewRouter()
 	r.Use(s.instrument)
-	if s.cfg.Leadership != nil {
+	if s.cfg.Node.Clustered() {
 		r.Use(s.peerAuth)
 	}
 	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
@@ -203,17 +176,20 @@ func (s *Server) routes() http.Handler {
 	r.Method(http.MethodGet, "/metrics", promhttp.HandlerFor(s.cfg.Gatherer, promhttp.HandlerOpts{}))
 	r.Get("/v1/status", s.status)
 
-	if s.cfg.Leadership != nil {
-		r.Post(LeaseReleasedPath, s.leaseReleased)
-		r.Post(LeaderPath, s.leaderHint)
+	if s.cfg.Node.Clustered() {
 		r.Get(PeerStreamPath, s.peerStream)
+		// A forwarded write carries one value and its request; listings
+		// and reads are small calls.
+		calls := transport.NewHandler(s.cfg.Peers, s.wireError, s.cfg.MaxValueBytes+1<<20)
+		for _, p := range transport.Paths {
+			r.Post(p, calls.ServeHTTP)
+		}
 	}
 	if s.cfg.Replication != nil {
 		peer := s.cfg.Replication.Handler()
-		r.Post(replication.ReplicatePath, peer.ServeHTTP)
-		r.Post(replication.DigestsPath, peer.ServeHTTP)
-		r.Post(replication.EntriesPath, peer.ServeHTTP)
-		r.Post(replication.ReadIndexPath, peer.ServeHTTP)
+		for _, p := range []string{replication.ReplicatePath, replication.DigestsPath, replication.EntriesPath, replication.ReadIndexPath} {
+			r.Post(p, peer.ServeHTTP)
+		}
 	}
 
 	r.Get("/v1/kv", s.list)
@@ -263,22 +239,15 @@ type statusBody struct {
 }
 
 func (s *Server) status(w http.ResponseWriter, _ *http.Request) {
-	role, leader, epoch := "single", "", s.cfg.Epoch
-	if s.cfg.Leadership != nil {
-		leader, epoch = s.cfg.Leadership.Leader()
-		role = "follower"
-		if _, open := s.cfg.Leadership.WriteGate(); open {
-			role = "leader"
-		}
-	}
+	role, leader, epoch := s.cfg.Node.Role()
 	body := statusBody{
 		Node:      s.cfg.NodeID,
 		Role:      role,
 		Leader:    leader,
 		Version:   s.cfg.BuildVersion,
 		Epoch:     epoch,
-		LastSeq:   s.cfg.Store.LastSeq(),
-		DataBytes: s.cfg.Store.Size(),
+		LastSeq:   s.cfg.Stats.LastSeq(),
+		DataBytes: s.cfg.Stats.Size(),
 		Ready:     s.ready.Load(),
 	}
 	if s.cfg.Replication != nil {
@@ -299,25 +268,25 @@ func (s *Server) get(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	if s.cfg.Replication != nil {
-		s.replicatedGet(w, r, key, opts)
-		return
-	}
-	// A single node (and a cluster node without replication) answers both
-	// consistencies from the one copy, which is always current.
-	if !s.servesReads(w, r) {
-		return
-	}
-	e, err := s.cfg.Store.Get(key)
-	if err != nil {
-		s.writeError(w, r, notFoundKey(err, key))
-		return
-	}
+	res, err := s.cfg.Node.Get(r.Context(), key, opts, origin(r))
 	h := w.Header()
+	if res.ServedBy != "" {
+		h.Set(HeaderServedBy, res.ServedBy)
+	}
+	if res.Consistency != "" {
+		h.Set(HeaderConsistency, res.Consistency)
+	}
+	if res.HasLastContact {
+		h.Set(HeaderLastContact, strconv.FormatInt(min(res.LastContact, maxReportedAge).Milliseconds(), 10))
+	}
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
 	h.Set("Content-Type", "application/json")
-	h.Set("ETag", etag(e.Version))
+	h.Set("ETag", etag(res.Entry.Version))
 	w.WriteHeader(http.StatusOK)
-	_, _ = w.Write(e.Value)
+	_, _ = w.Write(res.Entry.Value)
 }
 
 // writeBody is the response to a successful PUT or DELETE.
@@ -329,52 +298,49 @@ type writeBody struct {
 }
 
 func (s *Server) put(w http.ResponseWriter, r *http.Request) {
-	key, err := keyFromPath(r)
+	wr, err := s.parseWrite(r, false)
+	if err == nil {
+		wr.Value, err = readValue(w, r, s.cfg.MaxValueBytes)
+	}
 	if err != nil {
 		s.writeError(w, r, err)
 		return
 	}
-	m := storage.Mutation{Key: key, Epoch: s.cfg.Epoch}
-	if err := conditions(r, &m); err != nil {
+	res, err := s.cfg.Node.Write(r.Context(), wr, origin(r))
+	if err != nil {
 		s.writeError(w, r, err)
 		return
 	}
-	if m.Value, err = readValue(w, r, s.cfg.MaxValueBytes); err != nil {
-		s.writeError(w, r, err)
-		return
-	}
-	res, ok := s.applyOrForward(w, r, m, m.Value)
-	if !ok {
-		return
-	}
-	w.Header().Set("ETag", etag(res.Entry.Version))
+	s.writeHeaders(w, res)
+	w.Header().Set("ETag", etag(res.Version))
 	status := http.StatusOK
 	if res.Created {
 		status = http.StatusCreated
 	}
-	writeJSON(w, status, writeBody{Key: key, Version: res.Entry.Version.String(), Created: res.Created})
+	writeJSON(w, status, writeBody{Key: wr.Key, Version: res.Version.String(), Created: res.Created})
 }
 
 func (s *Server) delete(w http.ResponseWriter, r *http.Request) {
-	key, err := keyFromPath(r)
+	wr, err := s.parseWrite(r, true)
 	if err != nil {
 		s.writeError(w, r, err)
 		return
 	}
-	m := storage.Mutation{Key: key, Epoch: s.cfg.Epoch, Delete: true}
-	if err := conditions(r, &m); err != nil {
+	res, err := s.cfg.Node.Write(r.Context(), wr, origin(r))
+	if err != nil {
 		s.writeError(w, r, err)
 		return
 	}
-	if m.IfAbsent {
-		s.writeError(w, r, fmt.Errorf("%w: If-None-Match: * cannot apply to DELETE", errInvalidPrecondition))
-		return
+	s.writeHeaders(w, res)
+	writeJSON(w, http.StatusOK, writeBody{Key: wr.Key, Version: res.Version.String(), Deleted: true})
+}
+
+// writeHeaders names the leader that applied a write (cluster mode).
+func (s *Server) writeHeaders(w http.ResponseWriter, res node.WriteResult) {
+	if res.Leader != "" {
+		w.Header().Set(HeaderLeader, res.Leader)
+		w.Header().Set(HeaderEpoch, strconv.FormatUint(res.Epoch, 10))
 	}
-	res, ok := s.applyOrForward(w, r, m, nil)
-	if !ok {
-		return
-	}
-	writeJSON(w, http.StatusOK, writeBody{Key: key, Version: res.Entry.Version.String(), Deleted: true})
 }
 
 // listBody is GET /v1/kv.
@@ -392,101 +358,37 @@ type listItem struct {
 }
 
 func (s *Server) list(w http.ResponseWriter, r *http.Request) {
-	prefix, after, limit, err := listParams(r)
+	opts, err := listParams(r)
 	if err != nil {
 		s.writeError(w, r, err)
 		return
 	}
-	if !s.servesReads(w, r) {
-		return
-	}
-	entries, more, err := s.cfg.Store.Scan(prefix, after, limit)
+	res, err := s.cfg.Node.List(r.Context(), opts, origin(r))
 	if err != nil {
 		s.writeError(w, r, err)
 		return
 	}
-	body := listBody{Items: make([]listItem, 0, len(entries))}
-	for _, e := range entries {
+	body := listBody{Items: make([]listItem, 0, len(res.Entries))}
+	for _, e := range res.Entries {
 		body.Items = append(body.Items, listItem{Key: e.Key, Version: e.Version.String(), Value: e.Value})
 	}
-	if more {
-		body.Next = entries[len(entries)-1].Key
+	if res.More && len(res.Entries) > 0 {
+		body.Next = res.Entries[len(res.Entries)-1].Key
 	}
 	writeJSON(w, http.StatusOK, body)
 }
 
-// notFoundKey names the key in a not-found error; other errors pass through.
-func notFoundKey(err error, key string) error {
-	if errors.Is(err, storage.ErrNotFound) {
-		return fmt.Errorf("%w: %q", storage.ErrNotFound, key)
+// redirect answers a node.Redirect with 307 to the node it names, keeping
+// the request's path and query.
+func (s *Server) redirect(w http.ResponseWriter, r *http.Request, rd *node.Redirect) {
+	addr, err := s.cfg.PeerAddr(rd.To)
+	if err != nil {
+		s.writeError(w, r, fmt.Errorf("%w: cannot address %s: %w", node.ErrNoLeader, rd.To, err))
+		return
 	}
-	return err
-}
-
-// servesReads reports whether this node answers a read from its own data:
-// always as a single node; in cluster mode without Replication (and for
-// listings, which the leader answers from its complete copy) only the
-// leader does, and other nodes hand the read to it (having then written the
-// response).
-func (s *Server) servesReads(w http.ResponseWriter, r *http.Request) bool {
-	if s.cfg.Leadership == nil {
-		return true
+	w.Header().Set("Location", "http://"+addr+r.URL.RequestURI())
+	if rd.Leader {
+		w.Header().Set(HeaderLeader, rd.To)
 	}
-	_, local := s.leadHere(w, r, nil)
-	return local
-}
-
-// applyOrForward applies a validated write here if this node may write, or
-// hands it to the leader. ok is false when a response has been written.
-func (s *Server) applyOrForward(w http.ResponseWriter, r *http.Request, m storage.Mutation, body []byte) (storage.Result, bool) {
-	// A client's own id makes its retries idempotent. A request without one
-	// gets an id only if it is forwarded (in proxy), where this node's
-	// retries need it; one served here directly has nobody to retry it, so
-	// it costs no id record.
-	m.RequestID = r.Header.Get(HeaderRequestID)
-	if err := validateRequestID(m.RequestID); err != nil {
-		s.writeError(w, r, err)
-		return storage.Result{}, false
-	}
-	// Checked here too so a follower refuses a bad ack= before forwarding.
-	if _, err := parseAck(r); err != nil {
-		s.writeError(w, r, err)
-		return storage.Result{}, false
-	}
-	if s.cfg.Leadership == nil {
-		res, err := s.cfg.Store.Apply(r.Context(), m)
-		if err != nil {
-			s.writeError(w, r, notFoundKey(err, m.Key))
-			return res, false
-		}
-		return res, true
-	}
-	epoch, local := s.leadHere(w, r, body)
-	if !local {
-		return storage.Result{}, false
-	}
-	m.Epoch = epoch
-	var res storage.Result
-	if s.cfg.Replication != nil {
-		var ok bool
-		if res, ok = s.replicatedWrite(w, r, epoch, m); !ok {
-			return res, false
-		}
-	} else {
-		var err error
-		if res, err = s.cfg.Store.Apply(r.Context(), m); err != nil {
-			s.writeError(w, r, notFoundKey(err, m.Key))
-			return res, false
-		}
-	}
-	// The gate may have closed while the write was syncing. Acknowledging
-	// now could confirm a write a newer leader never sees, so the client is
-	// told the truth: it is durable here, but whether it counts is unknown.
-	if e2, still := s.cfg.Leadership.WriteGate(); !still || e2 != epoch {
-		s.writeError(w, r, fmt.Errorf("%w: leadership (epoch %d) ended while the write was being committed; retry with the same %s", errOutcomeUnknown, epoch, HeaderRequestID))
-		return res, false
-	}
-	w.Header().Set(HeaderLeader, s.cfg.NodeID)
-	w.Header().Set(HeaderEpoch, strconv.FormatUint(epoch, 10))
-	return res, true
+	w.WriteHeader(http.StatusTemporaryRedirect)
 }

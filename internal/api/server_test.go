@@ -11,20 +11,33 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/statefulkv/store/internal/node"
 	"github.com/statefulkv/store/internal/storage"
+	"github.com/statefulkv/store/internal/transport"
 )
 
 type testNode struct {
 	t   testing.TB
 	db  *storage.DB
+	nd  *node.Node
 	srv *Server
 	url string
 }
 
-// startNode serves a Server configured by cfg, on a fresh bbolt file, over
-// loopback HTTP; wrap, if set, sits in front of it. Store, Registerer and
-// Gatherer are filled in.
-func startNode(t testing.TB, cfg Config, wrap func(http.Handler) http.Handler) *testNode {
+// nodeOpts configures startNode.
+type nodeOpts struct {
+	api  Config
+	node node.Config
+	// wrap, if set, sits in front of the server.
+	wrap func(http.Handler) http.Handler
+	// store, if set, wraps the bbolt file the node writes to.
+	store func(*storage.DB) node.Store
+}
+
+// startNode serves a Server and its node, configured by o, on a fresh
+// bbolt file, over loopback HTTP. The store, the node's identity (the
+// API's NodeID), Registerer and Gatherer are filled in.
+func startNode(t testing.TB, o nodeOpts) *testNode {
 	t.Helper()
 	reg := prometheus.NewRegistry()
 	db, err := storage.Open(t.TempDir(), storage.Options{Registerer: reg})
@@ -32,24 +45,36 @@ func startNode(t testing.TB, cfg Config, wrap func(http.Handler) http.Handler) *
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = db.Close() })
-	cfg.Store, cfg.Registerer, cfg.Gatherer = db, reg, reg
+	o.node.Store, o.node.Self = db, o.api.NodeID
+	if o.store != nil {
+		o.node.Store = o.store(db)
+	}
+	nd, err := node.New(o.node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := o.api
+	cfg.Node, cfg.Stats, cfg.Registerer, cfg.Gatherer = nd, db, reg, reg
+	if nd.Clustered() {
+		cfg.Peers = nd.Service()
+	}
 	srv, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	srv.SetReady(true)
 	var h http.Handler = srv
-	if wrap != nil {
-		h = wrap(srv)
+	if o.wrap != nil {
+		h = o.wrap(srv)
 	}
 	hs := httptest.NewServer(h)
 	t.Cleanup(hs.Close)
-	return &testNode{t: t, db: db, srv: srv, url: hs.URL}
+	return &testNode{t: t, db: db, nd: nd, srv: srv, url: hs.URL}
 }
 
 func newTestNode(t *testing.T, maxValue int64) *testNode {
 	t.Helper()
-	return startNode(t, Config{NodeID: "n1", BuildVersion: "test", MaxValueBytes: maxValue}, nil)
+	return startNode(t, nodeOpts{api: Config{NodeID: "n1", BuildVersion: "test", MaxValueBytes: maxValue}})
 }
 
 type response struct {
@@ -363,15 +388,26 @@ func TestServer_Probes_Status_Metrics(t *testing.T) {
 
 func TestNew_RejectsBadConfig(t *testing.T) {
 	if _, err := New(Config{}); err == nil {
-		t.Error("New without a store succeeded")
+		t.Error("New without a node succeeded")
 	}
 	db, err := storage.Open(t.TempDir(), storage.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer db.Close()
-	if _, err := New(Config{Store: db, MaxValueBytes: -1}); err == nil {
+	single, err := node.New(node.Config{Self: "n1", Store: db})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := New(Config{Node: single, Stats: db, MaxValueBytes: -1}); err == nil {
 		t.Error("New with a negative limit succeeded")
+	}
+	clustered, err := node.New(node.Config{Self: "n1", Store: db, Leadership: &fakeLeadership{}, Peers: transport.NewInMem().Client("n1")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := New(Config{Node: clustered, Stats: db, PeerToken: "short"}); err == nil {
+		t.Error("New in cluster mode with a short token succeeded")
 	}
 }
 

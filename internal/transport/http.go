@@ -1,0 +1,266 @@
+package transport
+
+import (
+	"context"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/hashicorp/go-retryablehttp"
+	"k8s.io/apimachinery/pkg/util/wait"
+)
+
+// TokenHeader carries the cluster token on every peer request. It is
+// defined here once; CheckToken is the one check of it.
+const TokenHeader = "X-Store-Peer-Token"
+
+// Paths of the typed calls. They sit under /internal/, which the API
+// refuses without the cluster token.
+const (
+	WritePath         = "/internal/v1/forward/write"
+	ReadPath          = "/internal/v1/forward/read"
+	ListPath          = "/internal/v1/forward/list"
+	LeaderPath        = "/internal/v1/leader"
+	LeaseReleasedPath = "/internal/v1/lease-released"
+)
+
+// Paths lists every path NewHandler serves (all POST).
+var Paths = []string{WritePath, ReadPath, ListPath, LeaderPath, LeaseReleasedPath}
+
+const contentType = "application/x-statefulkv-rpc"
+
+// CheckToken reports, in constant time, whether r carries token.
+func CheckToken(r *http.Request, token string) bool {
+	return subtle.ConstantTimeCompare([]byte(r.Header.Get(TokenHeader)), []byte(token)) == 1
+}
+
+// HTTPConfig configures an HTTP client.
+type HTTPConfig struct {
+	// Addr maps a node identity to host:port. Required.
+	Addr func(id string) (string, error)
+	// Token is the cluster token. Required.
+	Token string
+	// RoundTripper carries the requests; main passes peerhttp's
+	// multiplexed connections. Default: a plain keep-alive transport that
+	// never uses a proxy.
+	RoundTripper http.RoundTripper
+	// MaxReplyBytes bounds one reply body. Default 1 GiB.
+	MaxReplyBytes int64
+}
+
+// HTTP is the real transport's client: each call is one POST of a binary
+// body to the peer's NewHandler.
+//
+// A call that fails before it was sent (the dial failed, or the peer's
+// connection was announced closed) is tried again at once, twice at most,
+// with a short jittered pause: the next dial usually succeeds when a
+// multiplexed connection had just been dropped. Everything else is left to
+// the caller, which knows whether a retry is safe and where it should go.
+type HTTP struct {
+	cfg    HTTPConfig
+	client *retryablehttp.Client
+}
+
+// NewHTTP validates cfg and returns the client.
+func NewHTTP(cfg HTTPConfig) (*HTTP, error) {
+	if cfg.Addr == nil || cfg.Token == "" {
+		return nil, errors.New("transport: HTTPConfig needs Addr and Token")
+	}
+	if cfg.RoundTripper == nil {
+		cfg.RoundTripper = &http.Transport{
+			Proxy:               nil, // peers are never reached through a proxy
+			DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+			MaxIdleConnsPerHost: 64,
+			IdleConnTimeout:     90 * time.Second,
+		}
+	}
+	if cfg.MaxReplyBytes <= 0 {
+		cfg.MaxReplyBytes = 1 << 30
+	}
+	c := retryablehttp.NewClient()
+	c.HTTPClient = &http.Client{Transport: cfg.RoundTripper}
+	c.Logger = nil
+	c.RetryMax = 2
+	c.CheckRetry = func(ctx context.Context, _ *http.Response, err error) (bool, error) {
+		if ctx.Err() != nil {
+			return false, ctx.Err()
+		}
+		return err != nil && isDialError(err), nil
+	}
+	c.Backoff = func(lo, _ time.Duration, _ int, _ *http.Response) time.Duration {
+		return wait.Jitter(lo, 1)
+	}
+	c.RetryWaitMin = 10 * time.Millisecond
+	c.ErrorHandler = retryablehttp.PassthroughErrorHandler
+	return &HTTP{cfg: cfg, client: c}, nil
+}
+
+// Write forwards a write to the leader to.
+func (c *HTTP) Write(ctx context.Context, to string, w Write) (WriteReply, error) {
+	var r WriteReply
+	return r, c.call(ctx, to, WritePath, &w, &r)
+}
+
+// Read asks to to serve a read.
+func (c *HTTP) Read(ctx context.Context, to string, rd Read) (ReadReply, error) {
+	var r ReadReply
+	return r, c.call(ctx, to, ReadPath, &rd, &r)
+}
+
+// List asks the leader to for a page.
+func (c *HTTP) List(ctx context.Context, to string, l List) (ListReply, error) {
+	var r ListReply
+	return r, c.call(ctx, to, ListPath, &l, &r)
+}
+
+// NotifyLeader tells to who leads now.
+func (c *HTTP) NotifyLeader(ctx context.Context, to string, n LeaderNotice) error {
+	return c.call(ctx, to, LeaderPath, &n, &empty{})
+}
+
+// NotifyLeaseReleased tells to that the Lease was released.
+func (c *HTTP) NotifyLeaseReleased(ctx context.Context, to string, n LeaseReleased) error {
+	return c.call(ctx, to, LeaseReleasedPath, &n, &empty{})
+}
+
+// call POSTs req to the peer and decodes a 200 into reply. A refusal comes
+// back as *Error; a failure before sending wraps ErrNotSent; any other
+// error means the peer may have served the call.
+func (c *HTTP) call(ctx context.Context, to, path string, req, reply message) error {
+	addr, err := c.cfg.Addr(to)
+	if err != nil {
+		return notSent(fmt.Errorf("address of %s: %w", to, err))
+	}
+	hreq, err := retryablehttp.NewRequestWithContext(ctx, http.MethodPost, "http://"+addr+path, marshal(req))
+	if err != nil {
+		return notSent(err)
+	}
+	hreq.Header.Set("Content-Type", contentType)
+	hreq.Header.Set(TokenHeader, c.cfg.Token)
+	resp, err := c.client.Do(hreq)
+	if err != nil {
+		if isDialError(err) {
+			return notSent(fmt.Errorf("%s: %w", to, err))
+		}
+		return fmt.Errorf("%s: %w", to, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, c.cfg.MaxReplyBytes+1))
+	if err != nil {
+		return fmt.Errorf("%s: read reply: %w", to, err)
+	}
+	if int64(len(body)) > c.cfg.MaxReplyBytes {
+		return fmt.Errorf("%s: reply exceeds %d bytes", to, c.cfg.MaxReplyBytes)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return decodeError(to, resp.StatusCode, resp.Header.Get("Content-Type"), body)
+	}
+	if err := unmarshal(body, reply); err != nil {
+		return fmt.Errorf("%s: %w", to, err)
+	}
+	return nil
+}
+
+// decodeError reads a refusal. A body that is not ours (a JSON error from
+// the peer's HTTP layer or its connection) keeps the status and, where it
+// can be read, the code.
+func decodeError(peer string, status int, ct string, body []byte) error {
+	e := &Error{}
+	if ct == contentType && unmarshal(body, e) == nil && e.Status == status {
+		return e
+	}
+	var j struct {
+		Error struct{ Code, Message string } `json:"error"`
+	}
+	e = &Error{Status: status, Code: "peer_error", Message: fmt.Sprintf("%s answered %d", peer, status)}
+	if json.Unmarshal(body, &j) == nil && j.Error.Code != "" {
+		e.Code, e.Message = j.Error.Code, fmt.Sprintf("%s answered %d: %s", peer, status, j.Error.Message)
+	}
+	return e
+}
+
+// isDialError reports whether err happened before the request could be
+// sent: then the peer never saw it (peerhttp promises the same of its
+// connection errors).
+func isDialError(err error) bool {
+	var op *net.OpError
+	return errors.As(err, &op) && op.Op == "dial"
+}
+
+// Service is what a node serves to its peers. Each method's error is
+// turned into the Error the caller receives by the handler's ErrorFunc.
+type Service interface {
+	// Write applies a forwarded write if this node leads; it never
+	// forwards it again.
+	Write(ctx context.Context, w Write) (WriteReply, error)
+	// Read serves a read from this node's own data.
+	Read(ctx context.Context, r Read) (ReadReply, error)
+	// List serves a page if this node leads.
+	List(ctx context.Context, l List) (ListReply, error)
+	// Leader and LeaseReleased take notices; best effort on both sides.
+	Leader(ctx context.Context, n LeaderNotice) error
+	LeaseReleased(ctx context.Context, n LeaseReleased) error
+}
+
+// NewHandler serves the typed calls of Paths to svc. It expects to be
+// mounted behind CheckToken. maxBody bounds a request body.
+func NewHandler(svc Service, errOf ErrorFunc, maxBody int64) http.Handler {
+	mux := http.NewServeMux()
+	// Each request decodes into its own message, which the closure passed
+	// to serve reads after serve has filled it in.
+	mux.HandleFunc("POST "+WritePath, func(w http.ResponseWriter, r *http.Request) {
+		var m Write
+		serve(w, r, maxBody, errOf, &m, func(ctx context.Context) (message, error) { rep, err := svc.Write(ctx, m); return &rep, err })
+	})
+	mux.HandleFunc("POST "+ReadPath, func(w http.ResponseWriter, r *http.Request) {
+		var m Read
+		serve(w, r, maxBody, errOf, &m, func(ctx context.Context) (message, error) { rep, err := svc.Read(ctx, m); return &rep, err })
+	})
+	mux.HandleFunc("POST "+ListPath, func(w http.ResponseWriter, r *http.Request) {
+		var m List
+		serve(w, r, maxBody, errOf, &m, func(ctx context.Context) (message, error) { rep, err := svc.List(ctx, m); return &rep, err })
+	})
+	mux.HandleFunc("POST "+LeaderPath, func(w http.ResponseWriter, r *http.Request) {
+		var m LeaderNotice
+		serve(w, r, maxBody, errOf, &m, func(ctx context.Context) (message, error) { return &empty{}, svc.Leader(ctx, m) })
+	})
+	mux.HandleFunc("POST "+LeaseReleasedPath, func(w http.ResponseWriter, r *http.Request) {
+		var m LeaseReleased
+		serve(w, r, maxBody, errOf, &m, func(ctx context.Context) (message, error) { return &empty{}, svc.LeaseReleased(ctx, m) })
+	})
+	return mux
+}
+
+// serve decodes the body into req, runs call and writes its reply or error.
+func serve(w http.ResponseWriter, r *http.Request, maxBody int64, errOf ErrorFunc, req message, call func(context.Context) (message, error)) {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
+	if err == nil {
+		err = unmarshal(body, req)
+	}
+	if err != nil {
+		writeError(w, &Error{Status: http.StatusBadRequest, Code: "invalid_rpc", Message: fmt.Sprintf("%s: %v", r.URL.Path, err)})
+		return
+	}
+	reply, err := call(r.Context())
+	if err != nil {
+		writeError(w, errOf(err))
+		return
+	}
+	w.Header().Set("Content-Type", contentType)
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(marshal(reply))
+}
+
+func writeError(w http.ResponseWriter, e *Error) {
+	if e.Status < 400 || e.Status > 599 {
+		e.Status = http.StatusInternalServerError
+	}
+	w.Header().Set("Content-Type", contentType)
+	w.WriteHeader(e.Status)
+	_, _ = w.Write(marshal(e))
+}
