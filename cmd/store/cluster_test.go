@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -21,6 +22,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/statefulkv/store/internal/kubetest"
+	"github.com/statefulkv/store/internal/transport"
 )
 
 // Test timings: short enough for a quick suite, with the same ratios the
@@ -661,11 +663,17 @@ func TestCluster_SIGSTOPLeader_NoAckAfterGateClosed_RejoinsAsFollower_Fenced(t *
 	if code, _, err := c.write(shortClient, newLeader, "fenced", `"new"`); err != nil || code/100 != 2 {
 		t.Fatalf("write under the new leader: %d %v", code, err)
 	}
+	forger, err := transport.NewHTTP(transport.HTTPConfig{Addr: func(id string) (string, error) { return c.addr(id), nil }, Token: testToken})
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, id := range others {
-		body := fmt.Sprintf(`{"epoch":%d,"leader":%q,"entries":[{"key":"fenced","version":"%d.999999","value":"\"old\""}]}`, oldSt.Epoch, old, oldSt.Epoch)
-		code, reply := c.peerPost(id, "/internal/v1/replicate", body, testToken)
-		if code != http.StatusConflict || !strings.Contains(reply, "stale_epoch") {
-			t.Fatalf("old-term batch at %s: %d %s, want 409 stale_epoch", id, code, reply)
+		_, err := forger.Replicate(context.Background(), id, transport.Batch{
+			Envelope: transport.Envelope{Epoch: oldSt.Epoch, Leader: old},
+			Entries:  []transport.Entry{{Key: "fenced", Value: []byte(`"old"`), Version: transport.Version{Epoch: oldSt.Epoch, Seq: 999999}}},
+		})
+		if te, ok := errors.AsType[*transport.Error](err); !ok || te.Status != http.StatusConflict || te.Code != "stale_epoch" {
+			t.Fatalf("old-term batch at %s: %v, want 409 stale_epoch", id, err)
 		}
 	}
 	for _, id := range c.ids() {

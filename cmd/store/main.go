@@ -186,6 +186,7 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 		elector  *election.Elector
 		cluster  *replication.Cluster
 		peerAddr func(string) (string, error)
+		peers    *transport.HTTP
 		nd       *node.Node
 		nodeCfg  = node.Config{Self: cfg.nodeID, Store: db, Logger: log}
 		apiCfg   = api.Config{
@@ -205,6 +206,27 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 		peerAddr, err = api.PeerAddrFromTemplate(cfg.peerTemplate, cfg.namespace)
 		if err != nil {
 			return fmt.Errorf("%w: --peer-address-template (env STORE_PEER_ADDRESS_TEMPLATE): %w", errUsage, err)
+		}
+		// Calls to the other nodes (forwarded writes, reads handed to an
+		// owner, replication, notices) share one multiplexed connection per
+		// peer.
+		streams := &peerhttp.Transport{
+			Path:   api.PeerStreamPath,
+			Header: http.Header{transport.TokenHeader: {cfg.peerToken}},
+			Fallback: &http.Transport{
+				Proxy:               nil, // peers are never reached through a proxy
+				DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+				MaxIdleConns:        256,
+				MaxIdleConnsPerHost: 256,
+				IdleConnTimeout:     90 * time.Second,
+			},
+			DialTimeout: 2 * time.Second,
+		}
+		// Closed after the HTTP server and the peer streams drained and
+		// the hand-off ran (defers run in reverse).
+		defer streams.Close()
+		if peers, err = transport.NewHTTP(transport.HTTPConfig{Addr: peerAddr, Token: cfg.peerToken, RoundTripper: streams}); err != nil {
+			return err
 		}
 		elector, err = election.New(election.Config{
 			Client:        client,
@@ -231,8 +253,7 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 			Ring:              ring,
 			Local:             db,
 			Leadership:        elector,
-			PeerAddr:          peerAddr,
-			Token:             cfg.peerToken,
+			Peers:             peers,
 			Logger:            log,
 			Registerer:        reg,
 		})
@@ -258,27 +279,6 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 	}
 
 	if elector != nil {
-		// Calls to the other nodes (forwarded writes, reads handed to an
-		// owner, notices) share one multiplexed connection per peer.
-		streams := &peerhttp.Transport{
-			Path:   api.PeerStreamPath,
-			Header: http.Header{transport.TokenHeader: {cfg.peerToken}},
-			Fallback: &http.Transport{
-				Proxy:               nil, // peers are never reached through a proxy
-				DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-				MaxIdleConns:        256,
-				MaxIdleConnsPerHost: 256,
-				IdleConnTimeout:     90 * time.Second,
-			},
-			DialTimeout: 2 * time.Second,
-		}
-		// Closed after the HTTP server and the peer streams drained (defers
-		// run in reverse), so a hand-off never lacks its connections.
-		defer streams.Close()
-		peers, err := transport.NewHTTP(transport.HTTPConfig{Addr: peerAddr, Token: cfg.peerToken, RoundTripper: streams})
-		if err != nil {
-			return err
-		}
 		// Writes wait for the new leader's catch-up, not just the Lease.
 		nodeCfg.Leadership = caughtUpLeadership{elector, cluster}
 		nodeCfg.Replication = cluster

@@ -9,6 +9,7 @@ import (
 
 	"github.com/statefulkv/store/internal/node"
 	"github.com/statefulkv/store/internal/peerhttp"
+	"github.com/statefulkv/store/internal/replication"
 	"github.com/statefulkv/store/internal/storage"
 	"github.com/statefulkv/store/internal/transport"
 )
@@ -44,6 +45,11 @@ var errorTable = []struct {
 	{errInvalidPrecondition, http.StatusBadRequest, "invalid_precondition"},
 	{errInvalidRequestID, http.StatusBadRequest, "invalid_request_id"},
 	{node.ErrInvalidRequest, http.StatusBadRequest, "invalid_request"},
+	{replication.ErrInvalidCall, http.StatusBadRequest, "invalid_request"},
+	{replication.ErrNotCaughtUp, http.StatusServiceUnavailable, "not_leader"},
+	// A member refusing a replication call of an older term; the caller
+	// (a deposed leader) learns the member's fence from the answer.
+	{replication.ErrTermRefused, http.StatusConflict, "stale_epoch"},
 	{errPeerAuth, http.StatusUnauthorized, "peer_unauthenticated"},
 	{errRouteNotFound, http.StatusNotFound, "route_not_found"},
 	{peerhttp.ErrNotUpgrade, http.StatusUpgradeRequired, "upgrade_required"},
@@ -88,7 +94,9 @@ type errorDetail struct {
 // peer's refusal that a node relays keeps the status and code the peer's
 // own table gave it.
 func classify(err error) (int, string) {
-	if te, ok := errors.AsType[*transport.Error](err); ok {
+	// Only a relayed answer itself: a peer's refusal wrapped into an error
+	// of this node (a read index that failed) is this node's error.
+	if te, ok := err.(*transport.Error); ok {
 		return te.Status, te.Code
 	}
 	for _, row := range errorTable {
@@ -137,6 +145,13 @@ func currentVersion(err error) storage.Version {
 	return storage.Version{}
 }
 
+// fenced is a refusal of a sender's term that names the newer term this
+// node has admitted (replication.StaleError).
+type fenced interface {
+	error
+	FenceEpoch() uint64
+}
+
 // wireError is how this node's errors travel to the peer that sent the
 // call (transport.ErrorFunc): the status and code of the one table, so the
 // peer answers its client exactly as this node would have. It logs like
@@ -151,7 +166,11 @@ func (s *Server) wireError(err error) *transport.Error {
 	if status == http.StatusInternalServerError {
 		msg = "internal error on the peer; see its log"
 	}
-	return &transport.Error{Status: status, Code: code, Message: msg, Current: transport.Version(currentVersion(err))}
+	te := &transport.Error{Status: status, Code: code, Message: msg, Current: transport.Version(currentVersion(err))}
+	if fe, ok := errors.AsType[fenced](err); ok {
+		te.Fence = fe.FenceEpoch()
+	}
+	return te
 }
 
 // logFailure logs a failed request. 503s are expected while leadership

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -47,8 +48,8 @@ type Stats interface {
 type Replication interface {
 	// Status is replication's part of /v1/status.
 	Status() replication.Status
-	// Handler serves the replication peer endpoints (behind the token).
-	Handler() http.Handler
+	// Service serves the replication calls of other members.
+	Service() transport.ReplicaService
 }
 
 // Config configures a Server. Fields without a stated default are required.
@@ -178,17 +179,17 @@ func (s *Server) routes() http.Handler {
 
 	if s.cfg.Node.Clustered() {
 		r.Get(PeerStreamPath, s.peerStream)
-		// A forwarded write carries one value and its request; listings
-		// and reads are small calls.
-		calls := transport.NewHandler(s.cfg.Peers, s.wireError, s.cfg.MaxValueBytes+1<<20)
-		for _, p := range transport.Paths {
-			r.Post(p, calls.ServeHTTP)
+		services := transport.Services{Node: s.cfg.Peers, ErrorOf: s.wireError}
+		paths := transport.Paths
+		if s.cfg.Replication != nil {
+			services.Replica = s.cfg.Replication.Service()
+			paths = append(slices.Clone(paths), transport.ReplicaPaths...)
 		}
-	}
-	if s.cfg.Replication != nil {
-		peer := s.cfg.Replication.Handler()
-		for _, p := range []string{replication.ReplicatePath, replication.DigestsPath, replication.EntriesPath, replication.ReadIndexPath} {
-			r.Post(p, peer.ServeHTTP)
+		// The largest call is a replication batch, which holds at least
+		// one value of any allowed size.
+		calls := transport.NewHandler(services, s.cfg.MaxValueBytes+replication.DefaultMaxBatchBytes+1<<20)
+		for _, p := range paths {
+			r.Post(p, calls.ServeHTTP)
 		}
 	}
 

@@ -163,7 +163,7 @@ func newCluster(t *testing.T, o clusterOpts, ids ...string) *cluster {
 		if m.nd, err = node.New(cfg); err != nil {
 			t.Fatal(err)
 		}
-		c.net.Register(id, m.nd.Service(), wire)
+		c.net.Register(id, transport.Services{Node: m.nd.Service(), ErrorOf: wire})
 		c.nodes = append(c.nodes, m)
 	}
 	return c

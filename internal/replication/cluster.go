@@ -5,8 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
-	"net/http"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -102,9 +100,8 @@ type ClusterConfig struct {
 	Ring       *Ring
 	Local      Local
 	Leadership Leadership
-	PeerAddr   func(id string) (string, error)
-	// Token is the cluster token presented on peer calls.
-	Token string
+	// Peers carries the calls to other members.
+	Peers Peers
 	// HeartbeatInterval is how often the leader tells every member it is
 	// alive (their stale reads report the time since). Default 500ms.
 	HeartbeatInterval time.Duration
@@ -124,7 +121,10 @@ type ClusterConfig struct {
 	StandInAfter time.Duration
 	// QueueLen caps the entries waiting for one follower; past it the
 	// follower misses entries and is told to repair. Default 65536.
-	QueueLen   int
+	QueueLen int
+	// MaxBatchBytes caps one replication batch. Default
+	// DefaultMaxBatchBytes.
+	MaxBatchBytes int
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
 }
@@ -138,12 +138,12 @@ type ClusterConfig struct {
 // Safe for concurrent use. Start runs the background loops; Close stops
 // them.
 type Cluster struct {
-	cfg    ClusterConfig
-	log    *slog.Logger
-	repl   *Replicator
-	fence  *Fence
-	client *http.Client
-	m      *clusterMetrics
+	cfg      ClusterConfig
+	log      *slog.Logger
+	repl     *Replicator
+	fence    *Fence
+	follower *Follower
+	m        *clusterMetrics
 
 	// caughtUp is the term whose catch-up finished; the write gate opens
 	// only for it.
@@ -184,8 +184,8 @@ type memberHealth struct {
 // Cluster whose loops are not running yet (see Start).
 func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 	switch {
-	case cfg.Self == "" || cfg.Ring == nil || cfg.Local == nil || cfg.Leadership == nil || cfg.PeerAddr == nil:
-		return nil, errors.New("replication: ClusterConfig needs Self, Ring, Local, Leadership and PeerAddr")
+	case cfg.Self == "" || cfg.Ring == nil || cfg.Local == nil || cfg.Leadership == nil || cfg.Peers == nil:
+		return nil, errors.New("replication: ClusterConfig needs Self, Ring, Local, Leadership and Peers")
 	}
 	if cfg.ReplicationFactor == 0 {
 		cfg.ReplicationFactor = 2
@@ -220,31 +220,22 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 		log:    cfg.Logger.With("component", "replication"),
 		fence:  NewFence(cfg.Local.FenceEpoch()),
 		health: map[string]*memberHealth{},
-		client: &http.Client{
-			Timeout: 10 * time.Second,
-			Transport: &http.Transport{
-				Proxy:               nil,
-				DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-				MaxIdleConnsPerHost: 64,
-				IdleConnTimeout:     90 * time.Second,
-			},
-		},
 	}
+	c.follower = &Follower{DB: cfg.Local, Fence: c.fence, OnAdmit: c.admitted}
 	c.inflight.Store(newInflightSet())
 	c.repairWanted.Store(true)
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	repl, err := NewReplicator(ReplicatorConfig{
-		Self:     cfg.Self,
-		PeerAddr: cfg.PeerAddr,
-		Token:    cfg.Token,
+		Self:  cfg.Self,
+		Peers: cfg.Peers,
 		OnStaleEpoch: func(fence uint64) {
 			c.cfg.Leadership.ObserveEpoch(fence)
 		},
-		Active:   c.leads,
-		OnResult: c.noteResult,
-		Client:   c.client,
-		QueueLen: cfg.QueueLen,
-		Logger:   cfg.Logger,
+		Active:        c.leads,
+		OnResult:      c.noteResult,
+		QueueLen:      cfg.QueueLen,
+		MaxBatchBytes: cfg.MaxBatchBytes,
+		Logger:        cfg.Logger,
 	})
 	if err != nil {
 		return nil, err

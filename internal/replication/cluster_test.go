@@ -5,15 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"net/http/httptest"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/statefulkv/store/internal/storage"
+	"github.com/statefulkv/store/internal/transport"
 )
 
 // fakeLead is a Leadership a test moves by hand: who leads, in which term.
@@ -49,15 +48,29 @@ func (f *fakeLead) ObserveEpoch(e uint64) {
 	f.mu.Unlock()
 }
 
-// testNode is one member: a real store, a Cluster, and its peer endpoints
-// on loopback, which the test can take down (503 on every call).
+// testNode is one member: a real store and a Cluster on an in-memory
+// network, which the test can take down (its calls are never sent).
 type testNode struct {
 	id   string
 	db   *storage.DB
 	c    *Cluster
 	lead *fakeLead
 	down atomic.Bool
-	addr string
+	net  *transport.InMem
+}
+
+// wireError stands in for the API's error table for replication's errors.
+func wireError(err error) *transport.Error {
+	te := &transport.Error{Status: http.StatusInternalServerError, Code: "internal", Message: err.Error()}
+	switch se, stale := errors.AsType[*StaleError](err); {
+	case stale:
+		te.Status, te.Code, te.Fence = http.StatusServiceUnavailable, "stale_epoch", se.Fence
+	case errors.Is(err, ErrInvalidCall):
+		te.Status, te.Code = http.StatusBadRequest, "invalid_request"
+	case errors.Is(err, ErrNotCaughtUp), errors.Is(err, ErrReadTimeout):
+		te.Status, te.Code = http.StatusServiceUnavailable, "not_leader"
+	}
+	return te
 }
 
 // newTestCluster starts n members node-1..node-n with factor r, led by
@@ -75,18 +88,16 @@ func newTestClusterWith(t *testing.T, n, r int, adjust func(*ClusterConfig)) []*
 	for i := 1; i <= n; i++ {
 		members = append(members, fmt.Sprintf("node-%d", i))
 	}
-	addrs := map[string]string{}
-	var mu sync.Mutex
-	peerAddr := func(id string) (string, error) {
-		mu.Lock()
-		defer mu.Unlock()
-		a, ok := addrs[id]
-		if !ok {
-			return "", fmt.Errorf("unknown member %s", id)
-		}
-		return a, nil
-	}
+	net := transport.NewInMem()
 	var nodes []*testNode
+	// A member that is down answers nothing: its calls are never sent.
+	down := map[string]*atomic.Bool{}
+	var downMu sync.Mutex
+	net.SetFault(func(c transport.Call) transport.Fault {
+		downMu.Lock()
+		defer downMu.Unlock()
+		return transport.Fault{Unreachable: down[c.To] != nil && down[c.To].Load()}
+	})
 	for _, id := range members {
 		ring, err := NewRing(RingConfig{})
 		if err != nil {
@@ -96,11 +107,14 @@ func newTestClusterWith(t *testing.T, n, r int, adjust func(*ClusterConfig)) []*
 		if err != nil {
 			t.Fatal(err)
 		}
-		nd := &testNode{id: id, db: db, lead: &fakeLead{self: id}}
+		nd := &testNode{id: id, db: db, lead: &fakeLead{self: id}, net: net}
+		downMu.Lock()
+		down[id] = &nd.down
+		downMu.Unlock()
 		nd.lead.set(members[0], 1)
 		cfg := ClusterConfig{
 			Self: id, Members: members, ReplicationFactor: r, Ring: ring, Local: db, Leadership: nd.lead,
-			PeerAddr: peerAddr, Token: "tok", HeartbeatInterval: 50 * time.Millisecond,
+			Peers: net.Client(id), HeartbeatInterval: 50 * time.Millisecond,
 			RepairInterval: 100 * time.Millisecond, ReadTimeout: 2 * time.Second,
 		}
 		adjust(&cfg)
@@ -108,21 +122,10 @@ func newTestClusterWith(t *testing.T, n, r int, adjust func(*ClusterConfig)) []*
 		if err != nil {
 			t.Fatal(err)
 		}
-		h := nd.c.Handler()
-		hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			if nd.down.Load() || r.Header.Get(PeerTokenHeader) != "tok" {
-				http.Error(w, "down", http.StatusServiceUnavailable)
-				return
-			}
-			h.ServeHTTP(w, r)
-		}))
-		mu.Lock()
-		addrs[id] = strings.TrimPrefix(hs.URL, "http://")
-		mu.Unlock()
+		net.Register(id, transport.Services{Replica: nd.c.Service(), ErrorOf: wireError})
 		nd.c.Start()
 		t.Cleanup(func() {
 			nd.c.Close()
-			hs.Close()
 			_ = db.Close()
 		})
 		nodes = append(nodes, nd)
@@ -262,7 +265,7 @@ func TestCluster_NewLeaderCatchesUpBeforeWriting(t *testing.T) {
 	}
 	// A paused old leader that wakes up and sends a batch of term 1 is
 	// refused by a member that took part in the catch-up.
-	stale, err := NewReplicator(ReplicatorConfig{Self: "node-1", Token: "tok", PeerAddr: nodes[2].c.cfg.PeerAddr})
+	stale, err := NewReplicator(ReplicatorConfig{Self: "node-1", Peers: nodes[0].net.Client("node-1")})
 	if err != nil {
 		t.Fatal(err)
 	}

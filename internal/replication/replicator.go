@@ -1,19 +1,19 @@
 package replication
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
-	"net/http"
+	"math"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"k8s.io/apimachinery/pkg/util/wait"
+
 	"github.com/statefulkv/store/internal/storage"
+	"github.com/statefulkv/store/internal/transport"
 )
 
 // ErrAckTimeout means the promised number of copies did not confirm in
@@ -21,17 +21,12 @@ import (
 // outcome is unknown to the client, not lost.
 var ErrAckTimeout = errors.New("replicas did not confirm in time")
 
-// PeerTokenHeader carries the cluster token on peer calls (the API checks it).
-const PeerTokenHeader = "X-Store-Peer-Token"
-
 // ReplicatorConfig configures a Replicator.
 type ReplicatorConfig struct {
 	// Self is this node's identity; it is never sent to itself.
 	Self string
-	// PeerAddr maps an identity to host:port.
-	PeerAddr func(id string) (string, error)
-	// Token is the cluster token presented to followers.
-	Token string
+	// Peers carries the batches. Required.
+	Peers Peers
 	// OnStaleEpoch is called when a follower refuses a batch because it has
 	// admitted a newer term (fence): the leader must step down.
 	OnStaleEpoch func(fence uint64)
@@ -41,22 +36,29 @@ type ReplicatorConfig struct {
 	// on a replica the successor never asked. Nil means always active.
 	Active func(epoch uint64) bool
 	// OnResult, if set, hears the outcome of every delivery attempt to a
-	// follower (nil error: delivered), for liveness tracking.
+	// follower (nil error: the follower answered), for liveness tracking.
 	OnResult func(follower string, err error)
-	// MaxBatch caps entries per replicate call. Default 512.
+	// MaxBatch caps entries per batch. Default 512.
 	MaxBatch int
+	// MaxBatchBytes caps a batch's size; a batch always holds at least one
+	// entry, so a value of any allowed size replicates. Default
+	// DefaultMaxBatchBytes.
+	MaxBatchBytes int
 	// QueueLen caps entries waiting for one follower; past it the follower
 	// is marked behind and must be repaired. Default 65536.
 	QueueLen int
-	// Client sends the batches. Default: keep-alive transport, 10s timeout.
-	Client *http.Client
 	// Logger. Default slog.Default().
 	Logger *slog.Logger
 }
 
+// DefaultMaxBatchBytes is the default ReplicatorConfig.MaxBatchBytes. A
+// follower must accept a call of this size plus one value of the largest
+// allowed size (the API sizes its limit so).
+const DefaultMaxBatchBytes = 8 << 20
+
 // Replicator sends the leader's writes to their owners: one sender per
-// follower drains a queue in order and ships batches over a kept-alive
-// connection, so concurrent writes share round trips and fsyncs.
+// follower drains a queue in order and ships batches, so concurrent writes
+// share round trips and fsyncs.
 //
 // Safe for concurrent use. Close stops the senders.
 type Replicator struct {
@@ -73,25 +75,17 @@ type Replicator struct {
 // NewReplicator returns a Replicator with no senders yet; they start on the
 // first entry for each follower.
 func NewReplicator(cfg ReplicatorConfig) (*Replicator, error) {
-	if cfg.PeerAddr == nil {
-		return nil, errors.New("replication: ReplicatorConfig.PeerAddr is required")
+	if cfg.Peers == nil {
+		return nil, errors.New("replication: ReplicatorConfig.Peers is required")
 	}
 	if cfg.MaxBatch <= 0 {
 		cfg.MaxBatch = 512
 	}
+	if cfg.MaxBatchBytes <= 0 {
+		cfg.MaxBatchBytes = DefaultMaxBatchBytes
+	}
 	if cfg.QueueLen <= 0 {
 		cfg.QueueLen = 1 << 16
-	}
-	if cfg.Client == nil {
-		cfg.Client = &http.Client{
-			Timeout: 10 * time.Second,
-			Transport: &http.Transport{
-				Proxy:               nil,
-				DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-				MaxIdleConnsPerHost: 4,
-				IdleConnTimeout:     90 * time.Second,
-			},
-		}
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -117,7 +111,7 @@ var ErrTermEnded = errors.New("leadership term ended before replication")
 // Pending is one entry on its way to several followers.
 type Pending struct {
 	epoch    uint64
-	entry    wireEntry
+	entry    transport.Entry
 	need     int32
 	commitAt int32
 	onCommit func()
@@ -314,8 +308,8 @@ func (p *peer) enqueue(e *Pending) bool {
 }
 
 // run ships the queue in order: a batch holds whatever is queued (up to
-// MaxBatch, one term per batch) and is retried until it is applied or the
-// follower refuses its term.
+// MaxBatch entries and MaxBatchBytes, one term per batch) and is retried
+// until it is applied or the follower refuses its term.
 func (p *peer) run() {
 	defer p.r.wg.Done()
 	batch := make([]*Pending, 0, p.r.cfg.MaxBatch)
@@ -333,14 +327,16 @@ func (p *peer) run() {
 				return
 			}
 		}
+		size := batch[0].entry.Size()
 	fill:
 		for len(batch) < p.r.cfg.MaxBatch {
 			select {
 			case e := <-p.queue:
-				if e.epoch != batch[0].epoch {
+				if e.epoch != batch[0].epoch || size+e.entry.Size() > p.r.cfg.MaxBatchBytes {
 					carry = e
 					break fill
 				}
+				size += e.entry.Size()
 				batch = append(batch, e)
 			default:
 				break fill
@@ -363,57 +359,62 @@ func (p *peer) drain() {
 	}
 }
 
+// deliver sends one batch until the follower applies it, refuses its term,
+// or refuses the batch itself. A refused batch is never sent again as it
+// was: it is split, and a single entry the follower will not take is left
+// to repair (the follower is marked behind).
 func (p *peer) deliver(batch []*Pending) {
-	req := batchRequest{Envelope: Envelope{Epoch: batch[0].epoch, Leader: p.r.cfg.Self}, Entries: make([]wireEntry, len(batch))}
+	b := transport.Batch{Envelope: transport.Envelope{Epoch: batch[0].epoch, Leader: p.r.cfg.Self}, Entries: make([]transport.Entry, len(batch))}
 	for i, e := range batch {
-		req.Entries[i] = e.entry
+		b.Entries[i] = e.entry
 	}
-	body, err := json.Marshal(req)
-	if err != nil {
-		p.r.log.Error("encode batch", "err", err)
-		return
-	}
-	backoff := 20 * time.Millisecond
-	for {
-		if f := p.r.cfg.Active; f != nil && !f(req.Epoch) {
+	backoff := wait.Backoff{Duration: 20 * time.Millisecond, Factor: 2, Jitter: 0.5, Steps: math.MaxInt32, Cap: time.Second}
+	for attempt := 0; ; attempt++ {
+		if f := p.r.cfg.Active; f != nil && !f(b.Epoch) {
 			for _, e := range batch {
 				e.end(ErrTermEnded)
 			}
 			return
 		}
-		reply, status, err := p.send(body)
+		// Not cancelled by the caller's wait: the batch goes on after a
+		// client gives up. Bounded so a follower that took the call and
+		// went silent does not hold the queue forever.
+		ctx, cancel := context.WithTimeout(p.r.ctx, 10*time.Second)
+		_, err := p.r.cfg.Peers.Replicate(ctx, p.id, b)
+		cancel()
 		if f := p.r.cfg.OnResult; f != nil {
-			switch {
-			case err != nil:
-				f(p.id, err)
-			case status == http.StatusOK || status == http.StatusConflict:
+			if answered(err) {
 				f(p.id, nil)
-			default:
-				f(p.id, fmt.Errorf("replicate: status %d", status))
+			} else {
+				f(p.id, err)
 			}
 		}
-		switch {
-		case err == nil && status == http.StatusOK:
+		if err == nil {
 			for _, e := range batch {
 				e.ack()
 			}
 			return
-		case err == nil && status == http.StatusConflict:
-			p.r.log.Warn("follower refused this term", "follower", p.id, "epoch", req.Epoch, "fence", reply.Fence)
+		}
+		if fence, stale := refusedTerm(err); stale {
+			p.r.log.Warn("follower refused this term", "follower", p.id, "epoch", b.Epoch, "fence", fence)
 			for _, e := range batch {
 				e.refuse()
 			}
 			if f := p.r.cfg.OnStaleEpoch; f != nil {
-				f(reply.Fence)
+				f(fence)
 			}
+			return
+		}
+		if te, ok := errors.AsType[*transport.Error](err); ok && (te.Status == 400 || te.Status == 413) {
+			p.refused(batch, te)
 			return
 		}
 		// Down, restarting or unreachable: keep the batch and retry, so a
 		// returning follower catches up from the queue (hinted hand-off).
-		// Say so once per batch: a wrong token or a rejected batch (4xx)
-		// retries forever too, and an operator must see why.
-		if backoff == 20*time.Millisecond {
-			p.r.log.Warn("replicate batch failed; retrying", "follower", p.id, "entries", len(batch), "status", status, "err", err)
+		// Say so once per batch: a wrong token (401) retries too, and an
+		// operator must see why.
+		if attempt == 0 {
+			p.r.log.Warn("replicate batch failed; retrying", "follower", p.id, "entries", len(batch), "err", err)
 		}
 		select {
 		case <-p.r.ctx.Done():
@@ -421,29 +422,23 @@ func (p *peer) deliver(batch []*Pending) {
 				e.end(errReplicatorClosed)
 			}
 			return
-		case <-time.After(backoff):
+		case <-time.After(backoff.Step()):
 		}
-		backoff = min(2*backoff, time.Second)
 	}
 }
 
-func (p *peer) send(body []byte) (batchReply, int, error) {
-	var reply batchReply
-	addr, err := p.r.cfg.PeerAddr(p.id)
-	if err != nil {
-		return reply, 0, err
+// refused handles a follower's refusal of a batch's content (too large, or
+// an entry it cannot take): halves are sent on their own, and a single
+// refused entry is dropped for this follower, which repair then serves.
+func (p *peer) refused(batch []*Pending, te *transport.Error) {
+	if len(batch) > 1 {
+		p.r.log.Warn("follower refused a batch; sending it in halves", "follower", p.id, "entries", len(batch), "code", te.Code, "err", te.Message)
+		half := len(batch) / 2
+		p.deliver(batch[:half])
+		p.deliver(batch[half:])
+		return
 	}
-	req, err := http.NewRequestWithContext(p.r.ctx, http.MethodPost, "http://"+addr+ReplicatePath, bytes.NewReader(body))
-	if err != nil {
-		return reply, 0, err
-	}
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set(PeerTokenHeader, p.r.cfg.Token)
-	resp, err := p.r.cfg.Client.Do(req)
-	if err != nil {
-		return reply, 0, err
-	}
-	defer resp.Body.Close()
-	_ = json.NewDecoder(resp.Body).Decode(&reply)
-	return reply, resp.StatusCode, nil
+	p.r.log.Error("follower refused an entry; it is left to repair", "follower", p.id, "key", batch[0].entry.Key, "code", te.Code, "err", te.Message)
+	p.behind.Store(true)
+	batch[0].end(fmt.Errorf("%w: %s refused it: %s", ErrAckTimeout, p.id, te.Message))
 }

@@ -5,21 +5,20 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"net/http/httptest"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/statefulkv/store/internal/storage"
+	"github.com/statefulkv/store/internal/transport"
 )
 
-// follower is a real store behind FollowerHandler on loopback, which a test
-// can take down (503) and bring back.
+// follower is a real store behind a Follower on an in-memory network,
+// which a test can take down (its calls are never sent) and bring back.
 type follower struct {
 	db   *storage.DB
-	addr string
+	f    *Follower
 	down atomic.Bool
 }
 
@@ -30,34 +29,33 @@ func newFollower(t *testing.T) *follower {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = db.Close() })
-	f := &follower{db: db}
-	h := FollowerHandler(db, NewFence(db.FenceEpoch()), nil)
-	hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if f.down.Load() || r.URL.Path != ReplicatePath || r.Header.Get(PeerTokenHeader) != "tok" {
-			http.Error(w, "down", http.StatusServiceUnavailable)
-			return
-		}
-		h.ServeHTTP(w, r)
-	}))
-	t.Cleanup(hs.Close)
-	f.addr = strings.TrimPrefix(hs.URL, "http://")
-	return f
+	return &follower{db: db, f: &Follower{DB: db, Fence: NewFence(db.FenceEpoch())}}
+}
+
+// onlyBatches serves a Follower's batches and nothing else.
+type onlyBatches struct{ *Follower }
+
+func (onlyBatches) Digests(context.Context, transport.Sync) (transport.DigestsReply, error) {
+	return transport.DigestsReply{}, ErrInvalidCall
+}
+func (onlyBatches) Entries(context.Context, transport.Sync) (transport.EntriesReply, error) {
+	return transport.EntriesReply{}, ErrInvalidCall
+}
+func (onlyBatches) ReadIndex(context.Context, transport.ReadIndex) (transport.ReadIndexReply, error) {
+	return transport.ReadIndexReply{}, ErrInvalidCall
 }
 
 func newTestReplicator(t *testing.T, followers map[string]*follower, onStale func(uint64)) *Replicator {
 	t.Helper()
-	r, err := NewReplicator(ReplicatorConfig{
-		Self:         "leader",
-		Token:        "tok",
-		OnStaleEpoch: onStale,
-		PeerAddr: func(id string) (string, error) {
-			f, ok := followers[id]
-			if !ok {
-				return "", fmt.Errorf("unknown %s", id)
-			}
-			return f.addr, nil
-		},
+	net := transport.NewInMem()
+	for id, f := range followers {
+		net.Register(id, transport.Services{Replica: onlyBatches{f.f}, ErrorOf: wireError})
+	}
+	net.SetFault(func(c transport.Call) transport.Fault {
+		f, ok := followers[c.To]
+		return transport.Fault{Unreachable: ok && f.down.Load()}
 	})
+	r, err := NewReplicator(ReplicatorConfig{Self: "leader", OnStaleEpoch: onStale, Peers: net.Client("leader")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -160,28 +158,22 @@ func TestReplicator_ConcurrentWrites_FollowerEndsAtNewest(t *testing.T) {
 	}
 }
 
-func TestFollowerHandler_RejectsMalformedBatches(t *testing.T) {
+func TestFollower_RejectsMalformedBatches(t *testing.T) {
 	f := newFollower(t)
-	for _, body := range []string{
-		`not json`,
-		`{"epoch":0,"leader":"l","entries":[]}`,
-		`{"epoch":1,"leader":"","entries":[]}`,
-		`{"epoch":1,"leader":"l","entries":[{"key":"k","version":"bad","value":1}]}`,
-		`{"epoch":1,"leader":"l","entries":[{"key":"k","version":"1.1","value":{"x"}}]}`,
+	env := transport.Envelope{Epoch: 1, Leader: "l"}
+	for _, b := range []transport.Batch{
+		{Envelope: transport.Envelope{Leader: "l"}},
+		{Envelope: transport.Envelope{Epoch: 1}},
+		{Envelope: env, Entries: []transport.Entry{{Key: "k", Value: []byte("1")}}},                                     // no version
+		{Envelope: env, Entries: []transport.Entry{{Key: "k", Value: []byte(`{"x"}`), Version: transport.Version{Epoch: 1, Seq: 1}}}}, // not JSON
+		{Envelope: env, Entries: []transport.Entry{{Value: []byte("1"), Version: transport.Version{Epoch: 1, Seq: 1}}}},             // no key
 	} {
-		req, _ := http.NewRequest(http.MethodPost, "http://"+f.addr+ReplicatePath, strings.NewReader(body))
-		req.Header.Set(PeerTokenHeader, "tok")
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusBadRequest {
-			t.Errorf("%s: %d, want 400", body, resp.StatusCode)
+		if _, err := f.f.Replicate(context.Background(), b); !errors.Is(err, ErrInvalidCall) || wireError(err).Status != http.StatusBadRequest {
+			t.Errorf("%+v: %v, want a 400 invalid call", b, err)
 		}
 	}
-	if f.db.LastSeq() != 0 {
-		t.Fatal("a malformed batch changed the store")
+	if f.db.LastSeq() != 0 || f.db.FenceEpoch() != 0 || f.f.Fence.Highest() != 0 {
+		t.Fatal("a malformed batch changed the store or the fence")
 	}
 }
 

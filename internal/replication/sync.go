@@ -4,12 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/http"
 	"slices"
 	"sync"
 	"time"
 
 	"github.com/statefulkv/store/internal/storage"
+	"github.com/statefulkv/store/internal/transport"
 )
 
 func nowNano() int64 { return time.Now().UnixNano() }
@@ -92,8 +92,7 @@ func (c *Cluster) catchUpOnce(ctx context.Context, epoch uint64) (int, error) {
 		wg.Go(func() {
 			cctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 			defer cancel()
-			var reply digestsReply
-			err := c.call(cctx, id, http.MethodPost, DigestsPath, nil, syncRequest{Envelope: &env}, &reply)
+			reply, err := c.digestsOf(cctx, id, &env)
 			mu.Lock()
 			answers = append(answers, answer{id, reply.Digests, err})
 			mu.Unlock()
@@ -102,10 +101,9 @@ func (c *Cluster) catchUpOnce(ctx context.Context, epoch uint64) (int, error) {
 	wg.Wait()
 	var heard []answer
 	for _, a := range answers {
-		var pe *peerCallError
-		if errors.As(a.err, &pe) && errors.Is(a.err, storage.ErrStaleEpoch) {
-			c.cfg.Leadership.ObserveEpoch(pe.Fence)
-			return 0, a.err
+		if fence, stale := refusedTerm(a.err); stale {
+			c.cfg.Leadership.ObserveEpoch(fence)
+			return 0, fmt.Errorf("%s: %w: %w", a.id, storage.ErrStaleEpoch, a.err)
 		}
 		if a.err == nil {
 			heard = append(heard, a)
@@ -168,16 +166,15 @@ func (c *Cluster) heartbeatLoop(ctx context.Context) {
 				defer one.Unlock()
 				hctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 				defer cancel()
-				var reply batchReply
-				err := c.call(hctx, id, http.MethodPost, ReplicatePath, nil, batchRequest{Envelope: env, Entries: []wireEntry{}}, &reply)
+				_, err := c.cfg.Peers.Replicate(hctx, id, transport.Batch{Envelope: toEnvelope(env)})
+				c.note(id, err)
 				if err == nil && env.Repair {
 					// The follower has been told; its repair pass fetches
 					// what its queue dropped.
 					c.repl.ClearBehind(id)
 				}
-				var pe *peerCallError
-				if errors.As(err, &pe) && errors.Is(err, storage.ErrStaleEpoch) {
-					c.cfg.Leadership.ObserveEpoch(pe.Fence)
+				if fence, stale := refusedTerm(err); stale {
+					c.cfg.Leadership.ObserveEpoch(fence)
 				}
 			})
 		}
@@ -235,11 +232,11 @@ func (c *Cluster) repairOnce(ctx context.Context) (err error) {
 	}
 	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	var reply digestsReply
-	if err := c.call(rctx, leader, http.MethodPost, DigestsPath, nil, syncRequest{}, &reply); err != nil {
+	reply, err := c.digestsOf(rctx, leader, nil)
+	if err != nil {
 		return err
 	}
-	if err := c.admit(reply.Envelope); err != nil {
+	if err := c.admit(fromEnvelope(reply.Envelope)); err != nil {
 		return err
 	}
 	parts, err := differing(c.cfg.Local.Digests(), reply.Digests, func(p int) bool { return c.isOwner(c.cfg.Self, p) })
@@ -254,7 +251,7 @@ func (c *Cluster) repairOnce(ctx context.Context) (err error) {
 	if len(parts) == 0 {
 		return nil
 	}
-	n, err := c.fetchNewer(rctx, leader, nil, reply.Epoch, parts)
+	n, err := c.fetchNewer(rctx, leader, nil, reply.Envelope.Epoch, parts)
 	c.m.repairedKeys.Add(float64(n))
 	c.m.repairedPartitions.Add(float64(len(parts)))
 	if err != nil {
@@ -327,22 +324,17 @@ func (c *Cluster) ReadStrong(ctx context.Context, key string) (storage.Entry, bo
 		if err := c.admit(env); err != nil {
 			return storage.Entry{}, false, err
 		}
-		var want storage.Version
-		if version != "" {
-			if want, err = storage.ParseVersion(version); err != nil {
-				return storage.Entry{}, false, fmt.Errorf("read index from %s: %w", env.Leader, err)
-			}
-		}
+		want := version
 		e, found, newer, err := c.awaitVersion(ctx, key, want)
 		switch {
 		case err != nil:
-			return e, false, fmt.Errorf("%w (read index %q from %s)", err, version, env.Leader)
+			return e, false, fmt.Errorf("%w (read index %s from %s)", err, version, env.Leader)
 		case !newer:
 			return e, found, nil
 		case e.Version.Epoch != env.Epoch:
 			// An older term's version the leader never adopted: an
 			// unacknowledged write of a deposed leader.
-			return e, false, fmt.Errorf("%w: %q is at %s here, the leader has %q", ErrDiverged, key, e.Version, version)
+			return e, false, fmt.Errorf("%w: %q is at %s here, the leader has %s", ErrDiverged, key, e.Version, version)
 		}
 		// A newer write of this leader reached this replica after the read
 		// index (entries leave before the leader's own fsync): ask again;
@@ -377,7 +369,7 @@ func (c *Cluster) awaitVersion(ctx context.Context, key string, want storage.Ver
 type indexWait struct {
 	key     string
 	env     Envelope
-	version string
+	version storage.Version // zero: the leader holds none
 	err     error
 	done    chan struct{}
 }
@@ -386,12 +378,12 @@ type indexWait struct {
 // while a request is in flight wait for the next one, which carries all of
 // their keys: the read index is always taken after the read started, and a
 // burst of strong reads costs one round trip instead of one each.
-func (c *Cluster) readIndex(ctx context.Context, key string) (Envelope, string, error) {
+func (c *Cluster) readIndex(ctx context.Context, key string) (Envelope, storage.Version, error) {
 	w := &indexWait{key: key, done: make(chan struct{})}
 	c.riMu.Lock()
 	if c.ctx.Err() != nil {
 		c.riMu.Unlock()
-		return Envelope{}, "", fmt.Errorf("%w: shutting down", ErrReadTimeout)
+		return Envelope{}, storage.Version{}, fmt.Errorf("%w: shutting down", ErrReadTimeout)
 	}
 	c.riQueue = append(c.riQueue, w)
 	if !c.riBusy {
@@ -403,7 +395,7 @@ func (c *Cluster) readIndex(ctx context.Context, key string) (Envelope, string, 
 	case <-w.done:
 		return w.env, w.version, w.err
 	case <-ctx.Done():
-		return Envelope{}, "", fmt.Errorf("%w: no read index from the leader: %w", ErrReadTimeout, ctx.Err())
+		return Envelope{}, storage.Version{}, fmt.Errorf("%w: no read index from the leader: %w", ErrReadTimeout, ctx.Err())
 	}
 }
 
@@ -424,11 +416,12 @@ func (c *Cluster) sendReadIndexes() {
 		for i, w := range batch {
 			keys[i] = w.key
 		}
-		var reply readIndexReply
+		var reply transport.ReadIndexReply
 		err := ErrNoLeader
 		if leader, _ := c.cfg.Leadership.Leader(); leader != "" && leader != c.cfg.Self {
 			ctx, cancel := context.WithTimeout(c.ctx, c.cfg.ReadTimeout)
-			err = c.call(ctx, leader, http.MethodPost, ReadIndexPath, nil, readIndexRequest{Keys: keys}, &reply)
+			reply, err = c.cfg.Peers.ReadIndex(ctx, leader, transport.ReadIndex{Keys: keys})
+			c.note(leader, err)
 			cancel()
 			if err == nil && len(reply.Versions) != len(keys) {
 				err = fmt.Errorf("read index from %s: %d versions for %d keys", leader, len(reply.Versions), len(keys))
@@ -440,7 +433,7 @@ func (c *Cluster) sendReadIndexes() {
 		c.m.readIndexBatch.Observe(float64(len(keys)))
 		for i, w := range batch {
 			if w.err = err; err == nil {
-				w.env, w.version = reply.Envelope, reply.Versions[i]
+				w.env, w.version = fromEnvelope(reply.Envelope), storage.Version(reply.Versions[i])
 			}
 			close(w.done)
 		}
@@ -498,12 +491,13 @@ func (c *Cluster) HandOff(ctx context.Context) error {
 }
 
 // pushTo sends member id the entries of the partitions it owns whose digest
-// differs from this node's, and returns how many partitions differed.
+// differs from this node's, in batches bounded by entries and bytes, and
+// returns how many partitions differed.
 func (c *Cluster) pushTo(ctx context.Context, id string, env Envelope) (int, error) {
 	cctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	defer cancel()
-	var reply digestsReply
-	if err := c.call(cctx, id, http.MethodPost, DigestsPath, nil, syncRequest{Envelope: &env}, &reply); err != nil {
+	reply, err := c.digestsOf(cctx, id, &env)
+	if err != nil {
 		return 0, err
 	}
 	parts, err := differing(c.cfg.Local.Digests(), reply.Digests, func(p int) bool { return c.isOwner(id, p) })
@@ -514,18 +508,26 @@ func (c *Cluster) pushTo(ctx context.Context, id string, env Envelope) (int, err
 	if err != nil {
 		return 0, err
 	}
-	const chunk = 512
+	maxBytes := c.cfg.MaxBatchBytes
+	if maxBytes <= 0 {
+		maxBytes = DefaultMaxBatchBytes
+	}
+	const maxEntries = 512
 	for len(entries) > 0 {
-		n := min(chunk, len(entries))
-		batch := batchRequest{Envelope: env, Entries: make([]wireEntry, n)}
-		for i, e := range entries[:n] {
-			batch.Entries[i] = toWire(e)
+		batch := transport.Batch{Envelope: toEnvelope(env)}
+		for size := 0; len(entries) > 0 && len(batch.Entries) < maxEntries; entries = entries[1:] {
+			w := toWire(entries[0])
+			if len(batch.Entries) > 0 && size+w.Size() > maxBytes {
+				break
+			}
+			size += w.Size()
+			batch.Entries = append(batch.Entries, w)
 		}
-		var br batchReply
-		if err := c.call(ctx, id, http.MethodPost, ReplicatePath, nil, batch, &br); err != nil {
+		_, err := c.cfg.Peers.Replicate(ctx, id, batch)
+		c.note(id, err)
+		if err != nil {
 			return len(parts), err
 		}
-		entries = entries[n:]
 	}
 	return len(parts), nil
 }

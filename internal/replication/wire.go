@@ -5,61 +5,106 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"net/http"
 
 	"github.com/statefulkv/store/internal/storage"
+	"github.com/statefulkv/store/internal/transport"
 )
 
-// ReplicatePath is the follower endpoint a leader sends batches to. It is a
-// peer endpoint: the API mounts it behind the cluster-token check.
-const ReplicatePath = "/internal/v1/replicate"
+// Paths of the replication calls (internal/transport serves them).
+const (
+	ReplicatePath = transport.ReplicatePath
+	DigestsPath   = transport.DigestsPath
+	EntriesPath   = transport.EntriesPath
+	ReadIndexPath = transport.ReadIndexPath
+)
 
-// wireEntry is one replicated entry on the wire. Value is the client's JSON
-// exactly as sent, carried as a JSON string: a json.RawMessage would be
-// compacted and HTML-escaped on the way, and replicas must hold the same
-// bytes the client sent.
-type wireEntry struct {
-	Key     string `json:"key"`
-	Version string `json:"version"`
-	Deleted bool   `json:"deleted,omitempty"`
-	Value   string `json:"value,omitempty"`
+// Peers carries replication's calls to other members: transport.HTTP in a
+// real node, transport.InMemClient in tests. A call that never reached the
+// peer wraps transport.ErrNotSent; a refusal is a *transport.Error; any
+// other error means the peer may have served it.
+type Peers interface {
+	Replicate(ctx context.Context, to string, b transport.Batch) (transport.BatchReply, error)
+	Digests(ctx context.Context, to string, s transport.Sync) (transport.DigestsReply, error)
+	Entries(ctx context.Context, to string, s transport.Sync) (transport.EntriesReply, error)
+	ReadIndex(ctx context.Context, to string, r transport.ReadIndex) (transport.ReadIndexReply, error)
 }
 
-// batchRequest is the body of POST ReplicatePath.
-type batchRequest struct {
-	Envelope
-	Entries []wireEntry `json:"entries"`
+// ErrInvalidCall means a peer's replication call made no sense (a batch
+// without a term, an entry that is not JSON); nothing was applied.
+var ErrInvalidCall = errors.New("invalid replication call")
+
+// ErrTermRefused is what a member answers a replication call of a term
+// older than one it has admitted: a *StaleError, which also matches
+// storage.ErrStaleEpoch.
+var ErrTermRefused = errors.New("term refused")
+
+// StaleError is a refusal of the sender's term: this node has admitted a
+// newer one, Fence.
+type StaleError struct {
+	Fence uint64
+	Err   error
 }
 
-// batchReply answers a batch: how many entries changed the follower, and
-// the newest term it has admitted (higher than the sender's on a refusal).
-type batchReply struct {
-	Applied int    `json:"applied"`
-	Fence   uint64 `json:"fence"`
-	Error   *struct {
-		Code    string `json:"code"`
-		Message string `json:"message"`
-	} `json:"error,omitempty"`
+func (e *StaleError) Error() string   { return e.Err.Error() }
+func (e *StaleError) Unwrap() []error { return []error{ErrTermRefused, e.Err} }
+
+// FenceEpoch is the newest term the refusing node has admitted (the API
+// sends it back to the caller with the refusal).
+func (e *StaleError) FenceEpoch() uint64 { return e.Fence }
+
+// refusedTerm reports whether err is a peer's refusal of this node's term,
+// and the newer term the peer has seen.
+func refusedTerm(err error) (fence uint64, ok bool) {
+	if te, isRefusal := errors.AsType[*transport.Error](err); isRefusal && te.Code == "stale_epoch" {
+		return te.Fence, true
+	}
+	if se, isStale := errors.AsType[*StaleError](err); isStale {
+		return se.Fence, true
+	}
+	return 0, false
 }
 
-func toWire(e storage.Entry) wireEntry {
-	w := wireEntry{Key: e.Key, Version: e.Version.String(), Deleted: e.Deleted}
+// answered reports whether a call's peer is alive: it answered, and not
+// with a failure of its own (a refusal of the term is an answer).
+func answered(err error) bool {
+	if err == nil {
+		return true
+	}
+	te, ok := errors.AsType[*transport.Error](err)
+	return ok && (te.Status < 500 || te.Code == "stale_epoch")
+}
+
+func toWire(e storage.Entry) transport.Entry {
+	w := transport.Entry{Key: e.Key, Version: transport.Version(e.Version), Deleted: e.Deleted}
 	if !e.Deleted {
-		w.Value = string(e.Value)
+		w.Value = e.Value
 	}
 	return w
 }
 
-func fromWire(w wireEntry) (storage.Entry, error) {
-	v, err := storage.ParseVersion(w.Version)
-	if err != nil {
-		return storage.Entry{}, err
+func fromWire(w transport.Entry) (storage.Entry, error) {
+	v := storage.Version(w.Version)
+	switch {
+	case w.Key == "":
+		return storage.Entry{}, fmt.Errorf("%w: entry without a key", ErrInvalidCall)
+	case v.Epoch == 0 || v.Seq == 0:
+		return storage.Entry{}, fmt.Errorf("%w: entry %q without a version", ErrInvalidCall, w.Key)
+	case !w.Deleted && !json.Valid(w.Value):
+		return storage.Entry{}, fmt.Errorf("%w: entry %q: the value is not JSON", ErrInvalidCall, w.Key)
 	}
-	if w.Key == "" || (!w.Deleted && !json.Valid([]byte(w.Value))) {
-		return storage.Entry{}, fmt.Errorf("entry %q: missing key or invalid value", w.Key)
+	return storage.Entry{Key: w.Key, Value: w.Value, Version: v, Deleted: w.Deleted}, nil
+}
+
+func fromWireAll(ws []transport.Entry) ([]storage.Entry, error) {
+	out := make([]storage.Entry, 0, len(ws))
+	for _, w := range ws {
+		e, err := fromWire(w)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, e)
 	}
-	return storage.Entry{Key: w.Key, Value: []byte(w.Value), Version: v, Deleted: w.Deleted}, nil
+	return out, nil
 }
 
 // Applier is what a follower needs from its local store. *storage.DB
@@ -72,69 +117,53 @@ type Applier interface {
 	FenceEpoch() uint64
 }
 
-// maxBatchBytes bounds one replicate request body.
-const maxBatchBytes = 64 << 20
+// Follower applies the batches a leader sends: it admits each through the
+// fence (an older term, or another leader claiming the current one, is
+// refused with a *StaleError) and through the store's durable fence, and
+// applies it durably before answering. A refused batch changes nothing. An
+// empty batch is a heartbeat. OnAdmit, if set, hears every admitted
+// envelope.
+type Follower struct {
+	DB      Applier
+	Fence   *Fence
+	OnAdmit func(Envelope)
+}
 
-// FollowerHandler serves ReplicatePath: it admits a batch through fence (an
-// older term, or another leader claiming the current one, is refused) and
-// through the store's durable fence, and applies it durably before
-// answering 200. A refused batch gets 409 with code stale_epoch and the
-// follower's fence, and changes nothing. An empty batch is a heartbeat.
-// onAdmit, if set, hears every admitted envelope.
-func FollowerHandler(db Applier, fence *Fence, onAdmit func(Envelope)) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		reply := func(status int, br batchReply) {
-			b, _ := json.Marshal(br)
-			w.Header().Set("Content-Type", "application/json")
-			w.WriteHeader(status)
-			_, _ = w.Write(b)
-		}
-		fail := func(status int, code string, err error) {
-			br := batchReply{Fence: db.FenceEpoch()}
-			br.Error = &struct {
-				Code    string `json:"code"`
-				Message string `json:"message"`
-			}{code, err.Error()}
-			reply(status, br)
-		}
-		var req batchRequest
-		if err := json.NewDecoder(io.LimitReader(r.Body, maxBatchBytes)).Decode(&req); err != nil {
-			fail(http.StatusBadRequest, "invalid_batch", fmt.Errorf("decode batch: %w", err))
-			return
-		}
-		if req.Epoch == 0 || req.Leader == "" {
-			fail(http.StatusBadRequest, "invalid_batch", errors.New("batch without epoch or leader"))
-			return
-		}
-		if err := fence.Admit(req.Envelope); err != nil {
-			fail(http.StatusConflict, "stale_epoch", err)
-			return
-		}
-		if onAdmit != nil {
-			onAdmit(req.Envelope)
-		}
-		entries := make([]storage.Entry, 0, len(req.Entries))
-		for _, we := range req.Entries {
-			e, err := fromWire(we)
-			if err != nil {
-				fail(http.StatusBadRequest, "invalid_batch", err)
-				return
-			}
-			entries = append(entries, e)
-		}
-		if len(entries) == 0 && db.FenceEpoch() >= req.Epoch {
-			// A heartbeat of a term already persisted: nothing to sync.
-			reply(http.StatusOK, batchReply{Fence: req.Epoch})
-			return
-		}
-		n, err := db.ApplyReplicated(r.Context(), req.Epoch, entries)
-		switch {
-		case errors.Is(err, storage.ErrStaleEpoch):
-			fail(http.StatusConflict, "stale_epoch", err)
-		case err != nil:
-			fail(http.StatusInternalServerError, "apply_failed", err)
-		default:
-			reply(http.StatusOK, batchReply{Applied: n, Fence: db.FenceEpoch()})
-		}
-	})
+// Replicate is the follower's side of a batch.
+func (f *Follower) Replicate(ctx context.Context, b transport.Batch) (transport.BatchReply, error) {
+	env := fromEnvelope(b.Envelope)
+	if env.Epoch == 0 || env.Leader == "" {
+		return transport.BatchReply{}, fmt.Errorf("%w: batch without epoch or leader", ErrInvalidCall)
+	}
+	// Validate before admitting: a malformed batch must not move the fence.
+	entries, err := fromWireAll(b.Entries)
+	if err != nil {
+		return transport.BatchReply{}, err
+	}
+	if err := f.Fence.Admit(env); err != nil {
+		return transport.BatchReply{}, &StaleError{Fence: f.DB.FenceEpoch(), Err: err}
+	}
+	if f.OnAdmit != nil {
+		f.OnAdmit(env)
+	}
+	if len(entries) == 0 && f.DB.FenceEpoch() >= env.Epoch {
+		// A heartbeat of a term already persisted: nothing to sync.
+		return transport.BatchReply{Fence: env.Epoch}, nil
+	}
+	n, err := f.DB.ApplyReplicated(ctx, env.Epoch, entries)
+	if errors.Is(err, storage.ErrStaleEpoch) {
+		return transport.BatchReply{}, &StaleError{Fence: f.DB.FenceEpoch(), Err: err}
+	}
+	if err != nil {
+		return transport.BatchReply{}, fmt.Errorf("apply batch: %w", err)
+	}
+	return transport.BatchReply{Applied: n, Fence: f.DB.FenceEpoch()}, nil
+}
+
+func toEnvelope(e Envelope) transport.Envelope {
+	return transport.Envelope{Epoch: e.Epoch, Leader: e.Leader, Repair: e.Repair}
+}
+
+func fromEnvelope(e transport.Envelope) Envelope {
+	return Envelope{Epoch: e.Epoch, Leader: e.Leader, Repair: e.Repair}
 }

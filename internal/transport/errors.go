@@ -22,6 +22,9 @@ type Error struct {
 	// Current is the key's version on a failed precondition (zero if the
 	// key does not exist).
 	Current Version
+	// Fence is, on a refusal of the sender's term (code stale_epoch), the
+	// newest term the peer has admitted.
+	Fence uint64
 }
 
 func (e *Error) Error() string { return e.Message }
@@ -35,10 +38,11 @@ func (e *Error) encode(enc *encoder) {
 	enc.str(e.Code)
 	enc.str(e.Message)
 	enc.version(e.Current)
+	enc.uvarint(e.Fence)
 }
 
 func (e *Error) decode(d *decoder) {
-	e.Status, e.Code, e.Message, e.Current = int(min(d.uvarint(), 999)), d.str(), d.str(), d.version()
+	e.Status, e.Code, e.Message, e.Current, e.Fence = int(min(d.uvarint(), 999)), d.str(), d.str(), d.version(), d.uvarint()
 }
 
 // ErrorFunc turns a service's error into the Error sent to the peer. The

@@ -168,11 +168,17 @@ func (c *HTTP) call(ctx context.Context, to, path string, req, reply message) er
 
 // decodeError reads a refusal. A body that is not ours (a JSON error from
 // the peer's HTTP layer or its connection) keeps the status and, where it
-// can be read, the code.
+// can be read, the code; a 404 means the peer does not know the call, which
+// it therefore did not apply.
 func decodeError(peer string, status int, ct string, body []byte) error {
 	e := &Error{}
 	if ct == contentType && unmarshal(body, e) == nil && e.Status == status {
 		return e
+	}
+	if status == http.StatusNotFound {
+		// The peer does not serve this call at all (a node of another
+		// version): nothing was applied there.
+		return &Error{Status: http.StatusServiceUnavailable, Code: "peer_unsupported", Message: fmt.Sprintf("%s does not serve this call (a node of another version?)", peer)}
 	}
 	var j struct {
 		Error struct{ Code, Message string } `json:"error"`
@@ -207,32 +213,66 @@ type Service interface {
 	LeaseReleased(ctx context.Context, n LeaseReleased) error
 }
 
-// NewHandler serves the typed calls of Paths to svc. It expects to be
-// mounted behind CheckToken. maxBody bounds a request body.
-func NewHandler(svc Service, errOf ErrorFunc, maxBody int64) http.Handler {
+// Services is what a node serves to its peers: its request logic, its
+// replication, and how their errors travel back. Either service may be nil;
+// its calls are then not served.
+type Services struct {
+	Node    Service
+	Replica ReplicaService
+	// ErrorOf turns a service's error into the Error the caller receives.
+	// In InMem, nil passes errors through unchanged.
+	ErrorOf ErrorFunc
+}
+
+// NewHandler serves the calls of Paths (s.Node) and ReplicaPaths
+// (s.Replica). It expects to be mounted behind CheckToken. maxBody bounds
+// a request body.
+func NewHandler(s Services, maxBody int64) http.Handler {
 	mux := http.NewServeMux()
 	// Each request decodes into its own message, which the closure passed
 	// to serve reads after serve has filled it in.
-	mux.HandleFunc("POST "+WritePath, func(w http.ResponseWriter, r *http.Request) {
-		var m Write
-		serve(w, r, maxBody, errOf, &m, func(ctx context.Context) (message, error) { rep, err := svc.Write(ctx, m); return &rep, err })
-	})
-	mux.HandleFunc("POST "+ReadPath, func(w http.ResponseWriter, r *http.Request) {
-		var m Read
-		serve(w, r, maxBody, errOf, &m, func(ctx context.Context) (message, error) { rep, err := svc.Read(ctx, m); return &rep, err })
-	})
-	mux.HandleFunc("POST "+ListPath, func(w http.ResponseWriter, r *http.Request) {
-		var m List
-		serve(w, r, maxBody, errOf, &m, func(ctx context.Context) (message, error) { rep, err := svc.List(ctx, m); return &rep, err })
-	})
-	mux.HandleFunc("POST "+LeaderPath, func(w http.ResponseWriter, r *http.Request) {
-		var m LeaderNotice
-		serve(w, r, maxBody, errOf, &m, func(ctx context.Context) (message, error) { return &empty{}, svc.Leader(ctx, m) })
-	})
-	mux.HandleFunc("POST "+LeaseReleasedPath, func(w http.ResponseWriter, r *http.Request) {
-		var m LeaseReleased
-		serve(w, r, maxBody, errOf, &m, func(ctx context.Context) (message, error) { return &empty{}, svc.LeaseReleased(ctx, m) })
-	})
+	route := func(path string, h func(w http.ResponseWriter, r *http.Request)) { mux.HandleFunc("POST "+path, h) }
+	errOf := s.ErrorOf
+	if svc := s.Node; svc != nil {
+		route(WritePath, func(w http.ResponseWriter, r *http.Request) {
+			var m Write
+			serve(w, r, maxBody, errOf, &m, func(ctx context.Context) (message, error) { rep, err := svc.Write(ctx, m); return &rep, err })
+		})
+		route(ReadPath, func(w http.ResponseWriter, r *http.Request) {
+			var m Read
+			serve(w, r, maxBody, errOf, &m, func(ctx context.Context) (message, error) { rep, err := svc.Read(ctx, m); return &rep, err })
+		})
+		route(ListPath, func(w http.ResponseWriter, r *http.Request) {
+			var m List
+			serve(w, r, maxBody, errOf, &m, func(ctx context.Context) (message, error) { rep, err := svc.List(ctx, m); return &rep, err })
+		})
+		route(LeaderPath, func(w http.ResponseWriter, r *http.Request) {
+			var m LeaderNotice
+			serve(w, r, maxBody, errOf, &m, func(ctx context.Context) (message, error) { return &empty{}, svc.Leader(ctx, m) })
+		})
+		route(LeaseReleasedPath, func(w http.ResponseWriter, r *http.Request) {
+			var m LeaseReleased
+			serve(w, r, maxBody, errOf, &m, func(ctx context.Context) (message, error) { return &empty{}, svc.LeaseReleased(ctx, m) })
+		})
+	}
+	if svc := s.Replica; svc != nil {
+		route(ReplicatePath, func(w http.ResponseWriter, r *http.Request) {
+			var m Batch
+			serve(w, r, maxBody, errOf, &m, func(ctx context.Context) (message, error) { rep, err := svc.Replicate(ctx, m); return &rep, err })
+		})
+		route(DigestsPath, func(w http.ResponseWriter, r *http.Request) {
+			var m Sync
+			serve(w, r, maxBody, errOf, &m, func(ctx context.Context) (message, error) { rep, err := svc.Digests(ctx, m); return &rep, err })
+		})
+		route(EntriesPath, func(w http.ResponseWriter, r *http.Request) {
+			var m Sync
+			serve(w, r, maxBody, errOf, &m, func(ctx context.Context) (message, error) { rep, err := svc.Entries(ctx, m); return &rep, err })
+		})
+		route(ReadIndexPath, func(w http.ResponseWriter, r *http.Request) {
+			var m ReadIndex
+			serve(w, r, maxBody, errOf, &m, func(ctx context.Context) (message, error) { rep, err := svc.ReadIndex(ctx, m); return &rep, err })
+		})
+	}
 	return mux
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 )
@@ -17,13 +18,8 @@ import (
 // Safe for concurrent use.
 type InMem struct {
 	mu    sync.Mutex
-	nodes map[string]inmemNode
+	nodes map[string]Services
 	fault func(Call) Fault
-}
-
-type inmemNode struct {
-	svc   Service
-	errOf ErrorFunc
 }
 
 // Call names one call for a fault function.
@@ -54,14 +50,13 @@ type Fault struct {
 var ErrReplyLost = errors.New("transport: connection lost before the reply")
 
 // NewInMem returns an empty network.
-func NewInMem() *InMem { return &InMem{nodes: map[string]inmemNode{}} }
+func NewInMem() *InMem { return &InMem{nodes: map[string]Services{}} }
 
-// Register makes svc reachable as id. errOf turns its errors into the
-// Error callers receive; nil passes them through unchanged.
-func (m *InMem) Register(id string, svc Service, errOf ErrorFunc) {
+// Register makes s reachable as id (a later Register replaces it).
+func (m *InMem) Register(id string, s Services) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	m.nodes[id] = inmemNode{svc, errOf}
+	m.nodes[id] = s
 }
 
 // Unregister makes id unreachable, as if its process had died.
@@ -91,8 +86,8 @@ type InMemClient struct {
 // Write is HTTP.Write over the in-memory network.
 func (c *InMemClient) Write(ctx context.Context, to string, w Write) (WriteReply, error) {
 	var r WriteReply
-	err := c.call(ctx, to, WritePath, &w, &r, func(svc Service, req message) (message, error) {
-		rep, err := svc.Write(ctx, *req.(*Write))
+	err := c.call(ctx, to, WritePath, &w, &r, func(s Services, req message) (message, error) {
+		rep, err := s.Node.Write(ctx, *req.(*Write))
 		return &rep, err
 	})
 	return r, err
@@ -101,8 +96,8 @@ func (c *InMemClient) Write(ctx context.Context, to string, w Write) (WriteReply
 // Read is HTTP.Read over the in-memory network.
 func (c *InMemClient) Read(ctx context.Context, to string, rd Read) (ReadReply, error) {
 	var r ReadReply
-	err := c.call(ctx, to, ReadPath, &rd, &r, func(svc Service, req message) (message, error) {
-		rep, err := svc.Read(ctx, *req.(*Read))
+	err := c.call(ctx, to, ReadPath, &rd, &r, func(s Services, req message) (message, error) {
+		rep, err := s.Node.Read(ctx, *req.(*Read))
 		return &rep, err
 	})
 	return r, err
@@ -111,8 +106,8 @@ func (c *InMemClient) Read(ctx context.Context, to string, rd Read) (ReadReply, 
 // List is HTTP.List over the in-memory network.
 func (c *InMemClient) List(ctx context.Context, to string, l List) (ListReply, error) {
 	var r ListReply
-	err := c.call(ctx, to, ListPath, &l, &r, func(svc Service, req message) (message, error) {
-		rep, err := svc.List(ctx, *req.(*List))
+	err := c.call(ctx, to, ListPath, &l, &r, func(s Services, req message) (message, error) {
+		rep, err := s.Node.List(ctx, *req.(*List))
 		return &rep, err
 	})
 	return r, err
@@ -120,22 +115,62 @@ func (c *InMemClient) List(ctx context.Context, to string, l List) (ListReply, e
 
 // NotifyLeader is HTTP.NotifyLeader over the in-memory network.
 func (c *InMemClient) NotifyLeader(ctx context.Context, to string, n LeaderNotice) error {
-	return c.call(ctx, to, LeaderPath, &n, &empty{}, func(svc Service, req message) (message, error) {
-		return &empty{}, svc.Leader(ctx, *req.(*LeaderNotice))
+	return c.call(ctx, to, LeaderPath, &n, &empty{}, func(s Services, req message) (message, error) {
+		return &empty{}, s.Node.Leader(ctx, *req.(*LeaderNotice))
 	})
 }
 
 // NotifyLeaseReleased is HTTP.NotifyLeaseReleased over the in-memory network.
 func (c *InMemClient) NotifyLeaseReleased(ctx context.Context, to string, n LeaseReleased) error {
-	return c.call(ctx, to, LeaseReleasedPath, &n, &empty{}, func(svc Service, req message) (message, error) {
-		return &empty{}, svc.LeaseReleased(ctx, *req.(*LeaseReleased))
+	return c.call(ctx, to, LeaseReleasedPath, &n, &empty{}, func(s Services, req message) (message, error) {
+		return &empty{}, s.Node.LeaseReleased(ctx, *req.(*LeaseReleased))
 	})
+}
+
+// Replicate is HTTP.Replicate over the in-memory network.
+func (c *InMemClient) Replicate(ctx context.Context, to string, b Batch) (BatchReply, error) {
+	var r BatchReply
+	err := c.call(ctx, to, ReplicatePath, &b, &r, func(s Services, req message) (message, error) {
+		rep, err := s.Replica.Replicate(ctx, *req.(*Batch))
+		return &rep, err
+	})
+	return r, err
+}
+
+// Digests is HTTP.Digests over the in-memory network.
+func (c *InMemClient) Digests(ctx context.Context, to string, sy Sync) (DigestsReply, error) {
+	var r DigestsReply
+	err := c.call(ctx, to, DigestsPath, &sy, &r, func(s Services, req message) (message, error) {
+		rep, err := s.Replica.Digests(ctx, *req.(*Sync))
+		return &rep, err
+	})
+	return r, err
+}
+
+// Entries is HTTP.Entries over the in-memory network.
+func (c *InMemClient) Entries(ctx context.Context, to string, sy Sync) (EntriesReply, error) {
+	var r EntriesReply
+	err := c.call(ctx, to, EntriesPath, &sy, &r, func(s Services, req message) (message, error) {
+		rep, err := s.Replica.Entries(ctx, *req.(*Sync))
+		return &rep, err
+	})
+	return r, err
+}
+
+// ReadIndex is HTTP.ReadIndex over the in-memory network.
+func (c *InMemClient) ReadIndex(ctx context.Context, to string, ri ReadIndex) (ReadIndexReply, error) {
+	var r ReadIndexReply
+	err := c.call(ctx, to, ReadIndexPath, &ri, &r, func(s Services, req message) (message, error) {
+		rep, err := s.Replica.ReadIndex(ctx, *req.(*ReadIndex))
+		return &rep, err
+	})
+	return r, err
 }
 
 // call encodes req, applies the fault, decodes it into a fresh message of
 // the same type for the peer (so neither side shares memory with the
 // other), serves it and brings the reply back the same way.
-func (c *InMemClient) call(ctx context.Context, to, path string, req, reply message, serve func(Service, message) (message, error)) error {
+func (c *InMemClient) call(ctx context.Context, to, path string, req, reply message, serve func(Services, message) (message, error)) error {
 	c.net.mu.Lock()
 	node, ok := c.net.nodes[to]
 	fault := c.net.fault
@@ -144,7 +179,7 @@ func (c *InMemClient) call(ctx context.Context, to, path string, req, reply mess
 	if fault != nil {
 		f = fault(Call{From: c.from, To: to, Path: path})
 	}
-	if !ok || f.Unreachable {
+	if replica := slices.Contains(ReplicaPaths, path); !ok || f.Unreachable || (replica && node.Replica == nil) || (!replica && node.Node == nil) {
 		return notSent(fmt.Errorf("%s: unreachable", to))
 	}
 	if !hold(ctx, f.Delay) {
@@ -154,7 +189,7 @@ func (c *InMemClient) call(ctx context.Context, to, path string, req, reply mess
 	if err := unmarshal(marshal(req), in); err != nil {
 		return err
 	}
-	out, err := serve(node.svc, in)
+	out, err := serve(node, in)
 	if f.LoseReply {
 		return fmt.Errorf("%s: %w", to, ErrReplyLost)
 	}
@@ -162,10 +197,10 @@ func (c *InMemClient) call(ctx context.Context, to, path string, req, reply mess
 		return fmt.Errorf("%s: no reply: %w", to, ctx.Err())
 	}
 	if err != nil {
-		if node.errOf == nil {
+		if node.ErrorOf == nil {
 			return err
 		}
-		e := node.errOf(err)
+		e := node.ErrorOf(err)
 		var back Error
 		if derr := unmarshal(marshal(e), &back); derr != nil {
 			return derr
@@ -203,6 +238,12 @@ func fresh(m message) message {
 		return &LeaderNotice{}
 	case *LeaseReleased:
 		return &LeaseReleased{}
+	case *Batch:
+		return &Batch{}
+	case *Sync:
+		return &Sync{}
+	case *ReadIndex:
+		return &ReadIndex{}
 	}
 	panic(fmt.Sprintf("transport: no message type %T", m))
 }

@@ -30,6 +30,16 @@ func TestCodec_RoundTrip(t *testing.T) {
 		&LeaderNotice{Leader: "n1", Epoch: 9},
 		&LeaseReleased{From: "n1"},
 		&Error{Status: 412, Code: "condition_failed", Message: "no", Current: Version{2, 3}},
+		&Error{Status: 503, Code: "stale_epoch", Message: "old", Fence: 8},
+		&Batch{Envelope: Envelope{Epoch: 3, Leader: "n1", Repair: true}, Entries: []Entry{{Key: "a", Value: raw, Version: Version{3, 1}}, {Key: "b", Version: Version{3, 2}, Deleted: true}}},
+		&Batch{Envelope: Envelope{Epoch: 3, Leader: "n1"}, Entries: []Entry{}},
+		&BatchReply{Applied: 2, Fence: 3},
+		&Sync{HasEnvelope: true, Envelope: Envelope{Epoch: 2, Leader: "n2"}, Partitions: []int{0, 7, 270}, VersionsOnly: true, Keys: []string{}},
+		&Sync{Partitions: []int{}, Keys: []string{"a", "b"}},
+		&DigestsReply{Envelope: Envelope{Epoch: 1, Leader: "n1"}, Digests: []uint64{0, 1 << 63, 42}},
+		&EntriesReply{Envelope: Envelope{Epoch: 1, Leader: "n1"}, Entries: []Entry{{Key: "a", Value: raw, Version: Version{1, 1}}}, Covered: 3},
+		&ReadIndex{Keys: []string{"a", "ü"}},
+		&ReadIndexReply{Envelope: Envelope{Epoch: 4, Leader: "n1"}, Versions: []Version{{4, 1}, {}}},
 	} {
 		b := marshal(m)
 		got := fresh2(m)
@@ -58,6 +68,14 @@ func fresh2(m message) message {
 		return &ListReply{}
 	case *Error:
 		return &Error{}
+	case *BatchReply:
+		return &BatchReply{}
+	case *DigestsReply:
+		return &DigestsReply{}
+	case *EntriesReply:
+		return &EntriesReply{}
+	case *ReadIndexReply:
+		return &ReadIndexReply{}
 	}
 	return fresh(m)
 }
@@ -95,7 +113,8 @@ func FuzzUnmarshal_NeverPanics(f *testing.F) {
 	f.Add(marshal(&Write{Key: "k", Value: []byte("1")}))
 	f.Add(marshal(&ListReply{Items: []Item{{Key: "a"}}}))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		for _, m := range []message{&Write{}, &WriteReply{}, &Read{}, &ReadReply{}, &List{}, &ListReply{}, &LeaderNotice{}, &Error{}} {
+		for _, m := range []message{&Write{}, &WriteReply{}, &Read{}, &ReadReply{}, &List{}, &ListReply{}, &LeaderNotice{}, &Error{},
+			&Batch{}, &BatchReply{}, &Sync{}, &DigestsReply{}, &EntriesReply{}, &ReadIndex{}, &ReadIndexReply{}} {
 			_ = unmarshal(b, m)
 		}
 	})
@@ -123,7 +142,7 @@ func testErrors(err error) *Error {
 
 func newPeer(t *testing.T, svc Service) (*HTTP, string) {
 	t.Helper()
-	hs := httptest.NewServer(NewHandler(svc, testErrors, 1<<20))
+	hs := httptest.NewServer(NewHandler(Services{Node: svc, ErrorOf: testErrors}, 1<<20))
 	t.Cleanup(hs.Close)
 	c, err := NewHTTP(HTTPConfig{Addr: func(string) (string, error) { return strings.TrimPrefix(hs.URL, "http://"), nil }, Token: "t"})
 	if err != nil {
@@ -205,7 +224,7 @@ func TestHandler_RefusesBadBodies(t *testing.T) {
 func TestInMem_Faults(t *testing.T) {
 	net := NewInMem()
 	applied := 0
-	net.Register("n1", service{write: func(Write) (WriteReply, error) { applied++; return WriteReply{Leader: "n1"}, nil }}, nil)
+	net.Register("n1", Services{Node: service{write: func(Write) (WriteReply, error) { applied++; return WriteReply{Leader: "n1"}, nil }}})
 	c := net.Client("n2")
 	ctx := context.Background()
 	if _, err := c.Write(ctx, "n9", Write{}); !errors.Is(err, ErrNotSent) {
