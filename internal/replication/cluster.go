@@ -125,8 +125,8 @@ type ClusterConfig struct {
 	// MaxBatchBytes caps one replication batch. Default
 	// DefaultMaxBatchBytes.
 	MaxBatchBytes int
-	Logger     *slog.Logger
-	Registerer prometheus.Registerer
+	Logger        *slog.Logger
+	Registerer    prometheus.Registerer
 }
 
 // Cluster is one node's part in replication: as leader it replicates each

@@ -164,9 +164,9 @@ func TestFollower_RejectsMalformedBatches(t *testing.T) {
 	for _, b := range []transport.Batch{
 		{Envelope: transport.Envelope{Leader: "l"}},
 		{Envelope: transport.Envelope{Epoch: 1}},
-		{Envelope: env, Entries: []transport.Entry{{Key: "k", Value: []byte("1")}}},                                     // no version
+		{Envelope: env, Entries: []transport.Entry{{Key: "k", Value: []byte("1")}}},                                                   // no version
 		{Envelope: env, Entries: []transport.Entry{{Key: "k", Value: []byte(`{"x"}`), Version: transport.Version{Epoch: 1, Seq: 1}}}}, // not JSON
-		{Envelope: env, Entries: []transport.Entry{{Value: []byte("1"), Version: transport.Version{Epoch: 1, Seq: 1}}}},             // no key
+		{Envelope: env, Entries: []transport.Entry{{Value: []byte("1"), Version: transport.Version{Epoch: 1, Seq: 1}}}},               // no key
 	} {
 		if _, err := f.f.Replicate(context.Background(), b); !errors.Is(err, ErrInvalidCall) || wireError(err).Status != http.StatusBadRequest {
 			t.Errorf("%+v: %v, want a 400 invalid call", b, err)
