@@ -42,6 +42,12 @@ func (f *fakeLead) Leader() (string, uint64) {
 	return f.id, f.ep
 }
 
+func (f *fakeLead) seenEpoch() uint64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.seen
+}
+
 func (f *fakeLead) ObserveEpoch(e uint64) {
 	f.mu.Lock()
 	f.seen = max(f.seen, e)
@@ -57,6 +63,18 @@ type testNode struct {
 	lead *fakeLead
 	down atomic.Bool
 	net  *transport.InMem
+	// extra, shared by the members, injects faults besides down.
+	extra *atomic.Pointer[func(transport.Call) transport.Fault]
+}
+
+// setFault makes every call between the members go through f as well as
+// the down check (nil: none).
+func (nd *testNode) setFault(f func(transport.Call) transport.Fault) {
+	if f == nil {
+		nd.extra.Store(nil)
+		return
+	}
+	nd.extra.Store(&f)
 }
 
 // wireError stands in for the API's error table for replication's errors.
@@ -93,10 +111,16 @@ func newTestClusterWith(t *testing.T, n, r int, adjust func(*ClusterConfig)) []*
 	// A member that is down answers nothing: its calls are never sent.
 	down := map[string]*atomic.Bool{}
 	var downMu sync.Mutex
+	extra := &atomic.Pointer[func(transport.Call) transport.Fault]{}
 	net.SetFault(func(c transport.Call) transport.Fault {
+		var f transport.Fault
+		if x := extra.Load(); x != nil {
+			f = (*x)(c)
+		}
 		downMu.Lock()
 		defer downMu.Unlock()
-		return transport.Fault{Unreachable: down[c.To] != nil && down[c.To].Load()}
+		f.Unreachable = f.Unreachable || down[c.To] != nil && down[c.To].Load()
+		return f
 	})
 	for _, id := range members {
 		ring, err := NewRing(RingConfig{})
@@ -107,7 +131,7 @@ func newTestClusterWith(t *testing.T, n, r int, adjust func(*ClusterConfig)) []*
 		if err != nil {
 			t.Fatal(err)
 		}
-		nd := &testNode{id: id, db: db, lead: &fakeLead{self: id}, net: net}
+		nd := &testNode{id: id, db: db, lead: &fakeLead{self: id}, net: net, extra: extra}
 		downMu.Lock()
 		down[id] = &nd.down
 		downMu.Unlock()
