@@ -5,7 +5,7 @@ GO ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: all build run test unit chaos controlplane cluster cluster-down image fuzz bench bench-failover bench-compare bench-memory vet clean
+.PHONY: all build run test unit chaos controlplane cluster cluster-down image fuzz bench bench-failover bench-compare bench-ab bench-memory vet clean
 
 all: build
 
@@ -77,6 +77,22 @@ bench-compare: controlplane
 	bash hack/cluster.sh down >/dev/null; rm -rf .cluster/data
 	bash hack/cluster.sh up >/dev/null
 	.bench/benchcompare -etcd "$$(bash hack/controlplane.sh --dir)/etcd" -rounds $${ROUNDS:-3}; rc=$$?; bash hack/cluster.sh down >/dev/null; exit $$rc
+
+# This tree against BASE (default 249e9c0, the commit before the node layer
+# and the typed transport) and against itself with --peer-carrier=h2c: every
+# round starts a fresh local cluster of each in turn (order rotating) and runs
+# bench-compare's shapes; prints medians and ratios to BASE. ROUNDS=5.
+bench-ab: controlplane
+	mkdir -p .bench
+	$(GO) build -o .bench/storeload ./cmd/storeload
+	$(GO) build -o .bench/benchcompare ./hack/benchcompare
+	$(GO) build -trimpath -o .bench/store-new ./cmd/store
+	tmp=$$(mktemp -d) && git worktree add --detach "$$tmp/base" $${BASE:-249e9c0} >/dev/null && \
+		(cd "$$tmp/base" && $(GO) build -trimpath -o "$(CURDIR)/.bench/store-base" ./cmd/store); rc=$$?; \
+		git worktree remove --force "$$tmp/base"; rm -rf "$$tmp"; exit $$rc
+	bash hack/cluster.sh down >/dev/null
+	.bench/benchcompare -rounds $${ROUNDS:-5} -out .bench/bench-ab.json -variant "base=.bench/store-base" \
+		-variant "new=.bench/store-new" -variant "h2c=.bench/store-new --peer-carrier=h2c"; rc=$$?; bash hack/cluster.sh down >/dev/null; exit $$rc
 
 # RSS of each node of a fresh local cluster after KEYS (1M) keys of 256 B and
 # every SAMPLE seconds of a SOAK (10m) of 50/50 load; prints a table.

@@ -311,55 +311,61 @@ func TestCluster_OneLeader_LeaseNamesIt_AllAgree(t *testing.T) {
 	t.Logf("leader %s; all nodes agreed %s after it was seen (bound %s)", leader, time.Since(agreeStart).Round(time.Millisecond), bound)
 }
 
+// Both peer carriers (the default multiplexed stream, and unencrypted
+// HTTP/2) carry forwarded writes, replication and handed-off reads.
 func TestCluster_WritesToEveryNode_LandOnLeaderExactlyOnce(t *testing.T) {
-	c := startCluster(t, 3)
-	leader := c.leader(30 * time.Second)
-	ids := c.ids()
-	c.awaitLeaderKnown(leader, ids...)
-	before, _ := c.status(leader)
-	const perNode = 30
-	client := &http.Client{Timeout: 30 * time.Second}
-	var wg sync.WaitGroup
-	for _, via := range ids {
-		wg.Go(func() {
-			for i := range perNode {
-				code, h, err := c.write(client, via, fmt.Sprintf("via-%s/%d", via, i), strconv.Itoa(i))
-				if err != nil || code != http.StatusCreated {
-					t.Errorf("PUT via %s: %d %v", via, code, err)
-					return
+	for _, carrier := range []string{"stream", "h2c"} {
+		t.Run("peer-carrier="+carrier, func(t *testing.T) {
+			c := startCluster(t, 3, "--peer-carrier="+carrier)
+			leader := c.leader(30 * time.Second)
+			ids := c.ids()
+			c.awaitLeaderKnown(leader, ids...)
+			before, _ := c.status(leader)
+			const perNode = 30
+			client := &http.Client{Timeout: 30 * time.Second}
+			var wg sync.WaitGroup
+			for _, via := range ids {
+				wg.Go(func() {
+					for i := range perNode {
+						code, h, err := c.write(client, via, fmt.Sprintf("via-%s/%d", via, i), strconv.Itoa(i))
+						if err != nil || code != http.StatusCreated {
+							t.Errorf("PUT via %s: %d %v", via, code, err)
+							return
+						}
+						if h.Get("X-Store-Leader") != leader {
+							t.Errorf("PUT via %s applied by %q, want the leader %s", via, h.Get("X-Store-Leader"), leader)
+							return
+						}
+					}
+				})
+			}
+			wg.Wait()
+			after, _ := c.status(leader)
+			if got, want := after.LastSeq-before.LastSeq, uint64(perNode*len(ids)); got != want {
+				t.Fatalf("leader applied %d writes, want exactly %d", got, want)
+			}
+			// Followers hold replicas now, but never assign versions of their own:
+			// their counters follow the leader's.
+			for _, id := range ids {
+				if st, _ := c.status(id); st.LastSeq > after.LastSeq {
+					t.Fatalf("follower %s is at seq %d, beyond the leader's %d", id, st.LastSeq, after.LastSeq)
 				}
-				if h.Get("X-Store-Leader") != leader {
-					t.Errorf("PUT via %s applied by %q, want the leader %s", via, h.Get("X-Store-Leader"), leader)
-					return
+			}
+			// Every key is readable through every node.
+			for _, via := range ids {
+				for _, from := range ids {
+					resp, err := client.Get("http://" + c.addr(via) + "/v1/kv/via-" + from + "/7")
+					if err != nil {
+						t.Fatal(err)
+					}
+					b, _ := io.ReadAll(resp.Body)
+					resp.Body.Close()
+					if resp.StatusCode != 200 || string(b) != "7" {
+						t.Fatalf("GET via %s of a write via %s: %d %s", via, from, resp.StatusCode, b)
+					}
 				}
 			}
 		})
-	}
-	wg.Wait()
-	after, _ := c.status(leader)
-	if got, want := after.LastSeq-before.LastSeq, uint64(perNode*len(ids)); got != want {
-		t.Fatalf("leader applied %d writes, want exactly %d", got, want)
-	}
-	// Followers hold replicas now, but never assign versions of their own:
-	// their counters follow the leader's.
-	for _, id := range ids {
-		if st, _ := c.status(id); st.LastSeq > after.LastSeq {
-			t.Fatalf("follower %s is at seq %d, beyond the leader's %d", id, st.LastSeq, after.LastSeq)
-		}
-	}
-	// Every key is readable through every node.
-	for _, via := range ids {
-		for _, from := range ids {
-			resp, err := client.Get("http://" + c.addr(via) + "/v1/kv/via-" + from + "/7")
-			if err != nil {
-				t.Fatal(err)
-			}
-			b, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode != 200 || string(b) != "7" {
-				t.Fatalf("GET via %s of a write via %s: %d %s", via, from, resp.StatusCode, b)
-			}
-		}
 	}
 }
 

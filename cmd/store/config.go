@@ -47,6 +47,11 @@ type config struct {
 	// debugListen serves net/http/pprof when set (off by default: it is
 	// an operator's tool, never on the client port).
 	debugListen string
+	// peerCarrier is how calls to other nodes travel: "stream" (one
+	// multiplexed connection per peer, internal/peerhttp) or "h2c"
+	// (unencrypted HTTP/2 from net/http), kept to measure one against the
+	// other.
+	peerCarrier string
 	// members are the identities of every node of the cluster: the ring
 	// places keys on them, a new leader catches up from them, and they are
 	// told when the leader changes. In cluster mode they come from here
@@ -87,6 +92,7 @@ var envFor = map[string]string{
 	"members":               "STORE_MEMBERS",
 	"statefulset":           "STORE_STATEFULSET",
 	"debug-listen":          "STORE_DEBUG_LISTEN",
+	"peer-carrier":          "STORE_PEER_CARRIER",
 	"shutdown-delay":        "STORE_SHUTDOWN_DELAY",
 	"replication-factor":    "STORE_REPLICATION_FACTOR",
 	"replication-timeout":   "STORE_REPLICATION_TIMEOUT",
@@ -118,6 +124,7 @@ func parseConfig(args []string, getenv func(string) string, hostname string, std
 	fs.DurationVar(&c.renewDeadline, "renew-deadline", 10*time.Second, "how long a leader may fail to renew before it stops accepting writes (env STORE_RENEW_DEADLINE)")
 	fs.DurationVar(&c.retryPeriod, "retry-period", 2*time.Second, "interval between Lease attempts (env STORE_RETRY_PERIOD)")
 	var tokenFile, members string
+	fs.StringVar(&c.peerCarrier, "peer-carrier", "stream", "how calls to other nodes travel: stream (one multiplexed connection per peer) or h2c (unencrypted HTTP/2); every node accepts both (env STORE_PEER_CARRIER)")
 	fs.StringVar(&c.debugListen, "debug-listen", "", "serve Go profiling (/debug/pprof/) on this `host:port`; off when empty (env STORE_DEBUG_LISTEN)")
 	fs.StringVar(&members, "members", "", "fixed member set: comma-separated identities of all nodes, e.g. store-1,store-2,store-3; for clusters outside a StatefulSet (env STORE_MEMBERS)")
 	fs.StringVar(&c.statefulSet, "statefulset", "", "`name` of the StatefulSet whose pods <name>-0..<name>-(replicas-1) are the members, followed as it scales (env STORE_STATEFULSET)")
@@ -167,6 +174,9 @@ func parseConfig(args []string, getenv func(string) string, hostname string, std
 	}
 	if c.shutdownTimeout, err = time.ParseDuration(shutdown); err != nil || c.shutdownTimeout <= 0 {
 		return config{}, bad("shutdown-timeout", "%q is not a positive duration such as 20s", shutdown)
+	}
+	if c.peerCarrier != "stream" && c.peerCarrier != "h2c" {
+		return config{}, bad("peer-carrier", "%q is not stream or h2c", c.peerCarrier)
 	}
 	if c.debugListen != "" {
 		if _, _, err := net.SplitHostPort(c.debugListen); err != nil {

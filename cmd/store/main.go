@@ -118,9 +118,11 @@ func newLogger(cfg config, w io.Writer) *slog.Logger {
 }
 
 // serve runs the node until ctx is cancelled, then shuts down in the one
-// order that loses nothing: readiness off → HTTP drains (every in-flight
-// write finishes its fsync) → the write gate closes for good and the Lease
-// is released (cluster mode) → storage closes.
+// order that loses nothing (the list of steps at its end): readiness off →
+// HTTP and peer calls drain (every in-flight write finishes its fsync) →
+// a leader hands its data to the members → the write gate closes for good
+// and the Lease is released → replication, peer connections and storage
+// close.
 func serve(ctx context.Context, cfg config, getenv func(string) string, log *slog.Logger) error {
 	restCfg, source, err := kubeConfig(cfg, getenv)
 	if err != nil {
@@ -176,11 +178,17 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 	if err != nil {
 		return fmt.Errorf("open storage (--data-dir %s): %w", cfg.dataDir, err)
 	}
+	// undo releases what was built, in reverse, if the node fails to
+	// start; once it serves, the shutdown list at the end of serve takes
+	// over.
+	var undo []func() error
+	serving := false
 	defer func() {
-		if err := db.Close(); err != nil {
-			log.Error("close storage", "err", err)
+		for i := len(undo) - 1; i >= 0 && !serving; i-- {
+			_ = undo[i]()
 		}
 	}()
+	undo = append(undo, db.Close)
 
 	var (
 		elector  *election.Elector
@@ -208,24 +216,11 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 			return fmt.Errorf("%w: --peer-address-template (env STORE_PEER_ADDRESS_TEMPLATE): %w", errUsage, err)
 		}
 		// Calls to the other nodes (forwarded writes, reads handed to an
-		// owner, replication, notices) share one multiplexed connection per
-		// peer.
-		streams := &peerhttp.Transport{
-			Path:   api.PeerStreamPath,
-			Header: http.Header{transport.TokenHeader: {cfg.peerToken}},
-			Fallback: &http.Transport{
-				Proxy:               nil, // peers are never reached through a proxy
-				DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-				MaxIdleConns:        256,
-				MaxIdleConnsPerHost: 256,
-				IdleConnTimeout:     90 * time.Second,
-			},
-			DialTimeout: 2 * time.Second,
-		}
-		// Closed after the HTTP server and the peer streams drained and
-		// the hand-off ran (defers run in reverse).
-		defer streams.Close()
-		if peers, err = transport.NewHTTP(transport.HTTPConfig{Addr: peerAddr, Token: cfg.peerToken, RoundTripper: streams}); err != nil {
+		// owner, replication, notices) share one connection per peer: a
+		// multiplexed peer stream by default, or unencrypted HTTP/2.
+		carrier := peerCarrier(cfg)
+		undo = append(undo, closeCarrier(carrier))
+		if peers, err = transport.NewHTTP(transport.HTTPConfig{Addr: peerAddr, Token: cfg.peerToken, RoundTripper: carrier}); err != nil {
 			return err
 		}
 		elector, err = election.New(election.Config{
@@ -264,9 +259,7 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 			log.Warn("fewer members than the replication factor; every member owns every key and status reports the factor as not met",
 				"members", len(cfg.members), "replication_factor", cfg.replicationFactor)
 		}
-		// Stops the senders and loops before storage closes (defers run
-		// in reverse).
-		defer cluster.Close()
+		undo = append(undo, cluster.Close)
 		if cfg.statefulSet != "" {
 			followCtx, stopFollow := context.WithCancel(context.Background())
 			defer stopFollow()
@@ -306,10 +299,15 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 	// let a successor start before this leader stopped.
 	electionCtx, cancelElection := context.WithCancel(context.Background())
 	electionDone := make(chan struct{})
-	defer func() {
+	leaveElection := func() error {
+		if elector != nil {
+			elector.Stop()
+		}
 		cancelElection()
 		<-electionDone
-	}()
+		return nil
+	}
+	undo = append(undo, leaveElection)
 	if elector != nil {
 		cluster.Start()
 		go func() {
@@ -326,7 +324,14 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 	if err != nil {
 		return fmt.Errorf("listen (--listen %s): %w", cfg.listen, err)
 	}
+	// Every node accepts HTTP/1.1 (clients, peer-stream upgrades) and
+	// unencrypted HTTP/2 with prior knowledge (peers with
+	// --peer-carrier=h2c).
+	protocols := new(http.Protocols)
+	protocols.SetHTTP1(true)
+	protocols.SetUnencryptedHTTP2(true)
 	httpSrv := &http.Server{
+		Protocols:         protocols,
 		Handler:           srv,
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       60 * time.Second,
@@ -345,54 +350,105 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 	srv.SetReady(true)
 	log.Info("serving", "addr", ln.Addr().String())
 
+	serving = true
+	var serveFailed error
 	select {
 	case err := <-serveErr:
-		return fmt.Errorf("http server: %w", err)
+		serveFailed = fmt.Errorf("http server: %w", err)
 	case <-ctx.Done():
 	}
-	srv.SetReady(false)
-	if cfg.shutdownDelay > 0 {
-		// Endpoints learn of the failing readiness probe only at its next
-		// period; until then new clients still arrive and are served.
-		log.Info("shutting down: not ready; still serving while endpoints update", "delay", cfg.shutdownDelay)
-		time.Sleep(cfg.shutdownDelay)
+
+	// The shutdown order, the one that loses nothing: each step runs after
+	// the one before it has finished (or used up its budget).
+	steps := []step{
+		{"not ready; still serving while endpoints update", cfg.shutdownDelay, func(ctx context.Context) error {
+			// Endpoints learn of the failing readiness probe only at its
+			// next period; until then new clients still arrive and are
+			// served.
+			srv.SetReady(false)
+			if cfg.shutdownDelay > 0 {
+				<-ctx.Done()
+			}
+			return nil
+		}},
+		{"drain HTTP", cfg.shutdownTimeout, func(ctx context.Context) error {
+			if err := httpSrv.Shutdown(ctx); err != nil {
+				_ = httpSrv.Close()
+				return fmt.Errorf("closed the connections still open: %w", err)
+			}
+			return nil
+		}},
+		// Calls peers sent over their multiplexed connections are not
+		// HTTP connections the server tracks; they drain here, with their
+		// own budget (a slow HTTP drain must not leave them none: closing
+		// them early turns every forwarded write in flight into
+		// outcome_unknown).
+		{"drain peer streams", cfg.shutdownTimeout, srv.Shutdown},
 	}
-	log.Info("shutting down: draining HTTP", "timeout", cfg.shutdownTimeout)
-	drainCtx, cancel := context.WithTimeout(context.Background(), cfg.shutdownTimeout)
-	defer cancel()
-	if err := httpSrv.Shutdown(drainCtx); err != nil {
-		log.Warn("HTTP drain did not finish; closing connections", "err", err)
-		_ = httpSrv.Close()
-	}
-	// Requests peers forwarded over their multiplexed connections are not
-	// HTTP connections the server tracks; they drain here, with their own
-	// budget (a slow HTTP drain must not leave them none: closing them
-	// early turns every forwarded write in flight into outcome_unknown).
-	peerCtx, cancelPeers := context.WithTimeout(context.Background(), cfg.shutdownTimeout)
-	if err := srv.Shutdown(peerCtx); err != nil {
-		log.Warn("peer connections did not drain; closed them", "err", err)
-	}
-	cancelPeers()
 	if elector != nil {
-		// No write is in flight any more. A leader first brings the other
-		// members level with its data, so its successor finds every write
-		// it accepted (even if this pod is being scaled away); then it
-		// closes the gate for good, releases the Lease, and tells the other
-		// members so one takes over at once instead of at its next retry
-		// period.
-		handCtx, cancelHand := context.WithTimeout(context.Background(), handOffTimeout)
-		if err := cluster.HandOff(handCtx); err != nil {
-			log.Warn("hand-off incomplete; the successor's catch-up covers acknowledged writes", "err", err)
-		}
-		cancelHand()
-		elector.Stop()
-		cancelElection()
-		<-electionDone
-		nd.NotifyLeaseReleased(context.Background())
-		log.Info("left the election (the Lease is released if this node held it)")
+		steps = append(steps,
+			// No write is in flight any more. A leader first brings the
+			// other members level with its data, so its successor finds
+			// every write it accepted (even if this pod is being scaled
+			// away; the successor's catch-up covers acknowledged writes if
+			// this is incomplete) ...
+			step{"hand off to the members", handOffTimeout, cluster.HandOff},
+			// ... then closes the gate for good and releases the Lease ...
+			step{"leave the election (release the Lease if held)", 0, func(context.Context) error { return leaveElection() }},
+			// ... and tells the members, so one takes over at once
+			// instead of at its next retry period.
+			step{"tell the members the Lease is free", 0, func(ctx context.Context) error { nd.NotifyLeaseReleased(ctx); return nil }},
+			step{"stop replication", 0, func(context.Context) error { return cluster.Close() }},
+			step{"close peer connections", 0, func(context.Context) error { return closeCarrier(peers.RoundTripper())() }},
+		)
+	}
+	steps = append(steps, step{"close storage", 0, func(context.Context) error { return db.Close() }})
+	shutdown(log, steps)
+	if serveFailed != nil {
+		return serveFailed
 	}
 	log.Info("shut down cleanly")
 	return nil
+}
+
+// peerCarrier is the RoundTripper calls to other nodes travel over.
+func peerCarrier(cfg config) http.RoundTripper {
+	dial := (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext
+	if cfg.peerCarrier == "h2c" {
+		p := new(http.Protocols)
+		p.SetUnencryptedHTTP2(true)
+		return &http.Transport{
+			Proxy:           nil, // peers are never reached through a proxy
+			DialContext:     dial,
+			Protocols:       p,
+			IdleConnTimeout: 90 * time.Second,
+		}
+	}
+	return &peerhttp.Transport{
+		Path:   api.PeerStreamPath,
+		Header: http.Header{transport.TokenHeader: {cfg.peerToken}},
+		Fallback: &http.Transport{
+			Proxy:               nil,
+			DialContext:         dial,
+			MaxIdleConns:        256,
+			MaxIdleConnsPerHost: 256,
+			IdleConnTimeout:     90 * time.Second,
+		},
+		DialTimeout: 2 * time.Second,
+	}
+}
+
+// closeCarrier closes a carrier's connections.
+func closeCarrier(rt http.RoundTripper) func() error {
+	return func() error {
+		switch t := rt.(type) {
+		case *peerhttp.Transport:
+			return t.Close()
+		case *http.Transport:
+			t.CloseIdleConnections()
+		}
+		return nil
+	}
 }
 
 // handOffTimeout bounds a leaving leader's push to the other members.

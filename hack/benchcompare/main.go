@@ -3,6 +3,13 @@
 // medians and the store ÷ etcd ratios. `make bench-compare` starts the store
 // cluster (make cluster), builds the tools and runs this.
 //
+// With -variant (repeated), it compares store builds or settings with each
+// other instead of with etcd: each round starts a fresh local cluster of
+// every variant in turn (the order rotating from round to round), runs
+// every shape once, and stops it; the table gives each variant's medians
+// and its ratio to the first. `make bench-ab` uses it to compare this tree
+// with an earlier commit.
+//
 // etcd is driven by its own benchmark tool (hack/etcdbench); the store by
 // cmd/storeload. Both are closed loops with the same client counts, 256 B
 // values and request totals, over kept-alive connections.
@@ -62,8 +69,13 @@ func run() error {
 		rounds    = flag.Int("rounds", 3, "A/B repeats per shape")
 		out       = flag.String("out", ".bench/bench-compare.json", "JSON results")
 		state     = flag.String("state", ".bench", "scratch folder")
+		variants  variantFlags
 	)
+	flag.Var(&variants, "variant", "`name=binary [flags...]`: compare store variants instead of etcd (repeat; the first is the baseline)")
 	flag.Parse()
+	if len(variants) > 0 {
+		return runVariants(variants, *storeLoad, *port, *rounds, *out, *state)
+	}
 	if *etcdBin == "" {
 		return errors.New("-etcd is required")
 	}
@@ -77,7 +89,13 @@ func run() error {
 	}
 	defer stopEtcd()
 
-	shapes := []shape{
+	defer stopEtcd()
+	return compareEtcd(*etcdBench, *storeLoad, *rounds, *out, *state, leader, follower)
+}
+
+// shapes are the load shapes, with the store's targets filled in.
+func shapes(leader, follower string) []shape {
+	return []shape{
 		{Name: "put, 1 client, via a follower", clients: 1, total: 2000,
 			etcd: []string{"put", "--key-size", "8", "--val-size", "256"}, store: []string{"-targets", follower, "-put-ratio", "1"}},
 		{Name: "put, 1 client, to the leader", clients: 1, total: 2000,
@@ -91,34 +109,39 @@ func run() error {
 		{Name: "read, 100 clients, stale vs serializable", clients: 100, total: 40000,
 			etcd: []string{"range", "bench-key", "--consistency", "s"}, store: []string{"-targets", follower, "-put-ratio", "0", "-consistency", "stale"}},
 	}
+}
+
+// compareEtcd runs every shape against etcd and the running store cluster,
+// alternating, and prints the medians and ratios.
+func compareEtcd(etcdBench, storeLoad string, rounds int, out, state, leader, follower string) error {
 	endpoints := "127.0.0.1:23791,127.0.0.1:23792,127.0.0.1:23793"
 	var rows []row
-	for _, sh := range shapes {
+	for _, sh := range shapes(leader, follower) {
 		var es, ss []result
-		for i := range *rounds {
-			e, err := runEtcd(*etcdBench, endpoints, sh)
+		for i := range rounds {
+			e, err := runEtcd(etcdBench, endpoints, sh)
 			if err != nil {
 				return fmt.Errorf("%s (etcd): %w", sh.Name, err)
 			}
-			s, err := runStore(*storeLoad, sh, filepath.Join(*state, fmt.Sprintf("store-%d.json", i)))
+			s, err := runStore(storeLoad, sh, filepath.Join(state, fmt.Sprintf("store-%d.json", i)))
 			if err != nil {
 				return fmt.Errorf("%s (store): %w", sh.Name, err)
 			}
 			fmt.Fprintf(os.Stderr, "%s round %d: etcd %.0f/s, store %.0f/s\n", sh.Name, i+1, e.OpsPerSec, s.OpsPerSec)
 			es, ss = append(es, e), append(ss, s)
 		}
-		r := row{Shape: sh.Name, Etcd: median(es), Store: median(ss), Rounds: *rounds}
+		r := row{Shape: sh.Name, Etcd: median(es), Store: median(ss), Rounds: rounds}
 		r.Ratio = r.Store.OpsPerSec / r.Etcd.OpsPerSec
 		rows = append(rows, r)
 	}
-	fmt.Printf("\nstore ÷ etcd, medians of %d alternating rounds, %s, %s\n", *rounds, time.Now().UTC().Format("2006-01-02"), "3 members / 3 nodes on loopback, 256 B values")
+	fmt.Printf("\nstore ÷ etcd, medians of %d alternating rounds, %s, %s\n", rounds, time.Now().UTC().Format("2006-01-02"), "3 members / 3 nodes on loopback, 256 B values")
 	fmt.Println("| shape | etcd ops/s | store ops/s | ratio | etcd p50 / p99 ms | store p50 / p99 ms |")
 	fmt.Println("|---|---|---|---|---|---|")
 	for _, r := range rows {
 		fmt.Printf("| %s | %.0f | %.0f | %.2f× | %.2f / %.2f | %.2f / %.2f |\n", r.Shape, r.Etcd.OpsPerSec, r.Store.OpsPerSec, r.Ratio, r.Etcd.P50ms, r.Etcd.P99ms, r.Store.P50ms, r.Store.P99ms)
 	}
-	b, _ := json.MarshalIndent(map[string]any{"date": time.Now().UTC(), "rounds": *rounds, "rows": rows}, "", "  ")
-	return os.WriteFile(*out, append(b, '\n'), 0o644)
+	b, _ := json.MarshalIndent(map[string]any{"date": time.Now().UTC(), "rounds": rounds, "rows": rows}, "", "  ")
+	return os.WriteFile(out, append(b, '\n'), 0o644)
 }
 
 // storeRoles finds the leader and a follower of the running store cluster.

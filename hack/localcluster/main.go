@@ -45,6 +45,7 @@ func run() error {
 		bin   = flag.String("store", "bin/store", "store binary to run")
 		nodes = flag.Int("nodes", 3, "number of nodes (on 127.0.0.1..N)")
 		port  = flag.Int("port", 18080, "HTTP port of every node")
+		extra = flag.String("store-args", "", "more flags for every node, space-separated (e.g. --peer-carrier=h2c)")
 	)
 	flag.Parse()
 	if *nodes < 1 || *nodes > 9 {
@@ -124,6 +125,7 @@ func run() error {
 			"--members", strings.Join(members, ","),
 			"--debug-listen", fmt.Sprintf("127.0.0.%d:%d", i, *port+1),
 		)
+		cmd.Args = append(cmd.Args, strings.Fields(*extra)...)
 		cmd.Stdout, cmd.Stderr = logf, logf
 		if err := cmd.Start(); err != nil {
 			return fmt.Errorf("start %s: %w", id, err)

@@ -140,44 +140,19 @@ type ClusterConfig struct {
 type Cluster struct {
 	cfg      ClusterConfig
 	log      *slog.Logger
-	repl     *Replicator
-	fence    *Fence
-	follower *Follower
+	fence    *termFence
 	m        *clusterMetrics
-
-	// caughtUp is the term whose catch-up finished; the write gate opens
-	// only for it.
-	caughtUp atomic.Uint64
-	catchMu  sync.Mutex
-	catching uint64
-
-	// inflight holds this term's keys with writes not yet committed.
-	inflight atomic.Pointer[inflightSet]
-
-	// riQueue holds strong reads waiting for the next read-index request;
-	// riBusy is true while a sender goroutine runs.
-	riMu    sync.Mutex
-	riQueue []*indexWait
-	riBusy  bool
-
-	// repairWanted asks the follower's repair loop for a pass: set at
-	// start, on a member-set change, and when the leader reports dropped
-	// entries.
-	repairWanted atomic.Bool
+	repl     *replicator // leader: a link per follower (queue, liveness, heartbeat)
+	follower *receiver   // follower: applies the leader's batches
+	gate     *termGate   // leader: catch-up before a term's first write
+	ri       *readIndex  // strong reads, on both sides
+	repair   *repairer   // follower: anti-entropy against the leader
 
 	lastContact atomic.Int64 // unix nanos of the last admitted leader message
-	lastRepair  atomic.Int64 // unix nanos of the last repair round that matched the leader
-
-	healthMu sync.Mutex
-	health   map[string]*memberHealth
 
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
-}
-
-type memberHealth struct {
-	lastOK, lastFail time.Time
 }
 
 // NewCluster validates cfg, places Members on the ring and returns a
@@ -216,23 +191,23 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 		cfg.Logger = slog.Default()
 	}
 	c := &Cluster{
-		cfg:    cfg,
-		log:    cfg.Logger.With("component", "replication"),
-		fence:  NewFence(cfg.Local.FenceEpoch()),
-		health: map[string]*memberHealth{},
+		cfg:   cfg,
+		log:   cfg.Logger.With("component", "replication"),
+		fence: newFence(cfg.Local.FenceEpoch()),
 	}
-	c.follower = &Follower{DB: cfg.Local, Fence: c.fence, OnAdmit: c.admitted}
-	c.inflight.Store(newInflightSet())
-	c.repairWanted.Store(true)
 	c.ctx, c.cancel = context.WithCancel(context.Background())
-	repl, err := NewReplicator(ReplicatorConfig{
+	c.follower = &receiver{DB: cfg.Local, Fence: c.fence, OnAdmit: c.admitted}
+	c.gate = &termGate{c: c}
+	c.ri = newReadIndex(c)
+	c.repair = &repairer{c: c}
+	c.repair.want() // a pass at start
+	repl, err := newReplicator(replicatorConfig{
 		Self:  cfg.Self,
 		Peers: cfg.Peers,
 		OnStaleEpoch: func(fence uint64) {
 			c.cfg.Leadership.ObserveEpoch(fence)
 		},
 		Active:        c.leads,
-		OnResult:      c.noteResult,
 		QueueLen:      cfg.QueueLen,
 		MaxBatchBytes: cfg.MaxBatchBytes,
 		Logger:        cfg.Logger,
@@ -248,22 +223,25 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 // Start runs the heartbeat (leader) and repair (follower) loops until
 // Close.
 func (c *Cluster) Start() {
-	c.wg.Go(func() { c.heartbeatLoop(c.ctx) })
-	c.wg.Go(func() { c.repairLoop(c.ctx) })
+	c.wg.Go(func() { c.repl.heartbeats(c.ctx, c.cfg.HeartbeatInterval, c.WriteGate, c.members) })
+	c.wg.Go(func() { c.repair.run(c.ctx) })
 }
 
-// Close stops the loops, the catch-up and the senders, and waits for them.
-// Writes waiting for replicas fail with ErrAckTimeout.
-func (c *Cluster) Close() {
+// Close stops the loops, the catch-up, the read-index sender and the
+// replication senders, and waits for them. Writes waiting for replicas
+// fail with ErrAckTimeout. It always returns nil; the error is there for
+// the one lifecycle convention (cancel, wait, release).
+func (c *Cluster) Close() error {
 	// Cancel under the locks that guard starting goroutines, so none is
 	// added to wg once Wait may have begun.
-	c.catchMu.Lock()
-	c.riMu.Lock()
+	c.gate.mu.Lock()
+	c.ri.mu.Lock()
 	c.cancel()
-	c.riMu.Unlock()
-	c.catchMu.Unlock()
+	c.ri.mu.Unlock()
+	c.gate.mu.Unlock()
 	c.wg.Wait()
 	c.repl.Close()
+	return nil
 }
 
 // leads reports whether the elector's gate is open for term epoch.
@@ -278,14 +256,7 @@ func (c *Cluster) leads(epoch uint64) bool {
 // call of a term starts the catch-up.
 func (c *Cluster) WriteGate() (epoch uint64, open bool) {
 	e, open := c.cfg.Leadership.WriteGate()
-	if !open {
-		return e, false
-	}
-	if c.caughtUp.Load() == e {
-		return e, true
-	}
-	c.startCatchUp(e)
-	return e, false
+	return e, open && c.gate.open(e)
 }
 
 // members returns the current member set, sorted.
@@ -305,7 +276,7 @@ func (c *Cluster) SetMembers(members []string) error {
 	}
 	if now := c.members(); !slices.Equal(old, now) {
 		c.log.Info("members changed; partitions move to their new owners by repair", "from", old, "to", now, "member", slices.Contains(now, c.cfg.Self))
-		c.repairWanted.Store(true)
+		c.repair.want()
 	}
 	return nil
 }
@@ -338,13 +309,12 @@ func (c *Cluster) Write(ctx context.Context, epoch uint64, ack AckLevel, key str
 	// copy is durable and the entry is committed on ⌊R/2⌋ others, so a
 	// read index never hands out a version that a crash of this node could
 	// still take back.
-	set := c.inflight.Load()
-	set.add(key)
 	var (
 		once    sync.Once
 		waiting atomic.Int32 // the local commit and the replicas' commit
 	)
-	release := func() { once.Do(func() { set.done(key) }) }
+	done := c.ri.writing(key)
+	release := func() { once.Do(done) }
 	waiting.Store(2)
 	step := func() {
 		if waiting.Add(-1) == 0 {
@@ -353,7 +323,7 @@ func (c *Cluster) Write(ctx context.Context, epoch uint64, ack AckLevel, key str
 	}
 	targets, need, commitAt := c.placement(key, ack)
 	var (
-		p      *Pending
+		p      *pending
 		subErr error
 	)
 	res, err := apply(func(r storage.Result) {
@@ -393,7 +363,8 @@ func (c *Cluster) Write(ctx context.Context, epoch uint64, ack AckLevel, key str
 		// the commit).
 		time.AfterFunc(c.cfg.StandInAfter, func() {
 			if !p.Committed() {
-				c.repl.Extend(p, c.standIns(key, nil))
+				before := p.queuedFor()
+				c.m.standIns.Add(float64(c.repl.Extend(p, c.standIns(key, nil)) - before))
 			}
 		})
 	}
@@ -447,38 +418,19 @@ func (c *Cluster) placement(key string, ack AckLevel) (targets []string, need, c
 	}
 	if down > 0 && ack != AckAll {
 		stand := c.standIns(key, nil)
-		targets = append(targets, stand[:min(down, len(stand))]...)
+		stand = stand[:min(down, len(stand))]
+		c.m.standIns.Add(float64(len(stand)))
+		targets = append(targets, stand...)
 	}
 	return targets, need, min(quorum, len(targets))
 }
 
-// noteResult records a delivery or heartbeat outcome for liveness.
-func (c *Cluster) noteResult(id string, err error) {
-	c.healthMu.Lock()
-	defer c.healthMu.Unlock()
-	h := c.health[id]
-	if h == nil {
-		h = &memberHealth{}
-		c.health[id] = h
-	}
-	if err == nil {
-		h.lastOK = time.Now()
-	} else {
-		h.lastFail = time.Now()
-	}
-}
-
-// down reports whether the last call to id failed.
-func (c *Cluster) down(id string) bool {
-	c.healthMu.Lock()
-	defer c.healthMu.Unlock()
-	h := c.health[id]
-	return h != nil && h.lastFail.After(h.lastOK)
-}
+// down reports whether the last call to member id failed.
+func (c *Cluster) down(id string) bool { return c.repl.down(id) }
 
 // admit passes a leader's envelope through the fence; a newer term than
 // this node's makes it stop writing.
-func (c *Cluster) admit(env Envelope) error {
+func (c *Cluster) admit(env envelope) error {
 	if err := c.fence.Admit(env); err != nil {
 		return err
 	}
@@ -487,12 +439,12 @@ func (c *Cluster) admit(env Envelope) error {
 }
 
 // admitted notes a leader's envelope that passed the fence.
-func (c *Cluster) admitted(env Envelope) {
+func (c *Cluster) admitted(env envelope) {
 	if env.Leader != c.cfg.Self {
 		c.cfg.Leadership.ObserveEpoch(env.Epoch)
-		c.lastContact.Store(nowNano())
+		c.lastContact.Store(time.Now().UnixNano())
 		if env.Repair {
-			c.repairWanted.Store(true)
+			c.repair.want()
 		}
 	}
 }
@@ -522,67 +474,18 @@ func (c *Cluster) LastContact() time.Duration {
 	return time.Since(time.Unix(0, last))
 }
 
-// inflightSet tracks one term's keys whose latest write is not committed.
-type inflightSet struct {
-	mu sync.Mutex
-	m  map[string]*keyWait
+// ReadStrong returns key's entry (tombstones included; found is false when
+// the key was never written) such that every write acknowledged before the
+// call is reflected: on the leader, its committed state; elsewhere, this
+// replica's state once it has applied the version the leader's read index
+// names.
+func (c *Cluster) ReadStrong(ctx context.Context, key string) (storage.Entry, bool, error) {
+	return c.ri.strong(ctx, key)
 }
 
-type keyWait struct {
-	n    int
-	free chan struct{}
-}
-
-func newInflightSet() *inflightSet { return &inflightSet{m: map[string]*keyWait{}} }
-
-func (s *inflightSet) add(key string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	w := s.m[key]
-	if w == nil {
-		w = &keyWait{free: make(chan struct{})}
-		s.m[key] = w
-	}
-	w.n++
-}
-
-func (s *inflightSet) done(key string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	w := s.m[key]
-	if w == nil {
-		return
-	}
-	if w.n--; w.n == 0 {
-		close(w.free)
-		delete(s.m, key)
-	}
-}
-
-// whenIdle runs read at a moment when no write to key is in flight and
-// returns its result, or ctx's error. read runs under the set's lock: a
-// write registers (add) before it applies, so read sees only committed
-// writes of key.
-func (s *inflightSet) whenIdle(ctx context.Context, key string, read func() error) error {
-	for {
-		s.mu.Lock()
-		w := s.m[key]
-		if w == nil {
-			err := read()
-			s.mu.Unlock()
-			return err
-		}
-		s.mu.Unlock()
-		select {
-		case <-w.free:
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-	}
-}
-
-func (s *inflightSet) len() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.m)
+// ReadStale returns this replica's entry for key without asking anyone,
+// and how long ago this node last heard from a leader.
+func (c *Cluster) ReadStale(key string) (storage.Entry, bool, time.Duration, error) {
+	e, found, err := c.cfg.Local.Lookup(key)
+	return e, found, c.LastContact(), err
 }

@@ -289,7 +289,7 @@ func TestCluster_NewLeaderCatchesUpBeforeWriting(t *testing.T) {
 	}
 	// A paused old leader that wakes up and sends a batch of term 1 is
 	// refused by a member that took part in the catch-up.
-	stale, err := NewReplicator(ReplicatorConfig{Self: "node-1", Peers: nodes[0].net.Client("node-1")})
+	stale, err := newReplicator(replicatorConfig{Self: "node-1", Peers: nodes[0].net.Client("node-1")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -354,7 +354,7 @@ func TestCluster_QueueOverflow_HeartbeatAsksForRepair(t *testing.T) {
 	// Let the follower finish its start-up repair pass first, so only the
 	// heartbeat's request can trigger the next one.
 	deadline := time.Now().Add(5 * time.Second)
-	for follower.c.repairWanted.Load() || follower.c.lastRepair.Load() == 0 {
+	for follower.c.repair.wanted.Load() || follower.c.repair.last.Load() == 0 {
 		if time.Now().After(deadline) {
 			t.Fatal("follower never finished its start-up repair pass")
 		}

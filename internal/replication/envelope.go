@@ -5,21 +5,14 @@ import (
 	"sync"
 
 	"github.com/statefulkv/store/internal/storage"
+	"github.com/statefulkv/store/internal/transport"
 )
 
-// Envelope heads every leader-to-follower message (replication batches,
-// read-index answers, repair streams). Followers admit a message only
-// through a Fence.
-type Envelope struct {
-	// Epoch is the sender's leadership term (election.Elector's epoch).
-	Epoch uint64 `json:"epoch"`
-	// Leader is the sender's identity.
-	Leader string `json:"leader"`
-	// Repair, on a leader's heartbeat, tells the follower that entries for
-	// it were dropped (its queue overflowed) and it should run a repair
-	// pass. Not part of the fence.
-	Repair bool `json:"repair,omitempty"`
-}
+// envelope heads every leader-to-follower message (replication batches,
+// read-index answers, repair streams): the sender's term and identity, and
+// on a heartbeat whether the follower should repair (not part of the
+// fence). Followers admit a message only through a termFence.
+type envelope = transport.Envelope
 
 // ErrStaleEpoch means a message came from an older term than one this node
 // has already seen: its sender has been superseded. The sender must step
@@ -27,26 +20,26 @@ type Envelope struct {
 // delivered.
 var ErrStaleEpoch = storage.ErrStaleEpoch
 
-// Fence remembers the newest term this node has seen and refuses messages
+// termFence remembers the newest term this node has seen and refuses messages
 // from older ones, so a paused or partitioned old leader can do no harm
 // once a newer leader has spoken to this node.
 //
 // Safe for concurrent use. The highest epoch is kept in memory; replication
 // persists it with the data it admits, so a restart cannot lower it.
-type Fence struct {
+type termFence struct {
 	mu      sync.Mutex
 	highest uint64
 	leader  string
 }
 
-// NewFence starts at a previously persisted epoch (0 for a new node).
-func NewFence(highest uint64) *Fence { return &Fence{highest: highest} }
+// newFence starts at a previously persisted epoch (0 for a new node).
+func newFence(highest uint64) *termFence { return &termFence{highest: highest} }
 
 // Admit accepts env if its epoch is at least the highest seen, raising the
 // mark. It refuses an older epoch, and a second leader claiming the same
 // epoch (which the Lease's optimistic concurrency makes impossible, so it
 // means a bug or a forged message), with an error wrapping ErrStaleEpoch.
-func (f *Fence) Admit(env Envelope) error {
+func (f *termFence) Admit(env envelope) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	switch {
@@ -62,7 +55,7 @@ func (f *Fence) Admit(env Envelope) error {
 }
 
 // Highest returns the newest epoch admitted.
-func (f *Fence) Highest() uint64 {
+func (f *termFence) Highest() uint64 {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.highest

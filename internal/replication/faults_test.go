@@ -172,4 +172,3 @@ func TestFaults_BatchArrivesAfterANewerVersion_FollowerEndsAtNewest(t *testing.T
 		}
 	})
 }
-

@@ -21,8 +21,8 @@ import (
 // outcome is unknown to the client, not lost.
 var ErrAckTimeout = errors.New("replicas did not confirm in time")
 
-// ReplicatorConfig configures a Replicator.
-type ReplicatorConfig struct {
+// replicatorConfig configures a replicator.
+type replicatorConfig struct {
 	// Self is this node's identity; it is never sent to itself.
 	Self string
 	// Peers carries the batches. Required.
@@ -35,9 +35,6 @@ type ReplicatorConfig struct {
 	// may be catching up, and an entry delivered after that could surface
 	// on a replica the successor never asked. Nil means always active.
 	Active func(epoch uint64) bool
-	// OnResult, if set, hears the outcome of every delivery attempt to a
-	// follower (nil error: the follower answered), for liveness tracking.
-	OnResult func(follower string, err error)
 	// MaxBatch caps entries per batch. Default 512.
 	MaxBatch int
 	// MaxBatchBytes caps a batch's size; a batch always holds at least one
@@ -51,18 +48,18 @@ type ReplicatorConfig struct {
 	Logger *slog.Logger
 }
 
-// DefaultMaxBatchBytes is the default ReplicatorConfig.MaxBatchBytes. A
+// DefaultMaxBatchBytes is the default replicatorConfig.MaxBatchBytes. A
 // follower must accept a call of this size plus one value of the largest
 // allowed size (the API sizes its limit so).
 const DefaultMaxBatchBytes = 8 << 20
 
-// Replicator sends the leader's writes to their owners: one sender per
+// replicator sends the leader's writes to their owners: one sender per
 // follower drains a queue in order and ships batches, so concurrent writes
 // share round trips and fsyncs.
 //
 // Safe for concurrent use. Close stops the senders.
-type Replicator struct {
-	cfg    ReplicatorConfig
+type replicator struct {
+	cfg    replicatorConfig
 	log    *slog.Logger
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -72,11 +69,11 @@ type Replicator struct {
 	peers map[string]*peer
 }
 
-// NewReplicator returns a Replicator with no senders yet; they start on the
+// newReplicator returns a replicator with no senders yet; they start on the
 // first entry for each follower.
-func NewReplicator(cfg ReplicatorConfig) (*Replicator, error) {
+func newReplicator(cfg replicatorConfig) (*replicator, error) {
 	if cfg.Peers == nil {
-		return nil, errors.New("replication: ReplicatorConfig.Peers is required")
+		return nil, errors.New("replication: replicatorConfig.Peers is required")
 	}
 	if cfg.MaxBatch <= 0 {
 		cfg.MaxBatch = 512
@@ -91,12 +88,12 @@ func NewReplicator(cfg ReplicatorConfig) (*Replicator, error) {
 		cfg.Logger = slog.Default()
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Replicator{cfg: cfg, log: cfg.Logger.With("component", "replication"), ctx: ctx, cancel: cancel, peers: map[string]*peer{}}, nil
+	return &replicator{cfg: cfg, log: cfg.Logger.With("component", "replication"), ctx: ctx, cancel: cancel, peers: map[string]*peer{}}, nil
 }
 
 // Close stops every sender; entries still queued are dropped (repair brings
 // their followers up to date later). Replicate fails after Close.
-func (r *Replicator) Close() {
+func (r *replicator) Close() {
 	r.mu.Lock() // no sender starts once cancelled (see peer)
 	r.cancel()
 	r.mu.Unlock()
@@ -108,8 +105,8 @@ func (r *Replicator) Close() {
 // far as it knows; the next leader's catch-up decides whether it counts.
 var ErrTermEnded = errors.New("leadership term ended before replication")
 
-// Pending is one entry on its way to several followers.
-type Pending struct {
+// pending is one entry on its way to several followers.
+type pending struct {
 	epoch    uint64
 	entry    transport.Entry
 	need     int32
@@ -129,7 +126,7 @@ type Pending struct {
 	sent map[string]bool // followers it was queued for
 }
 
-func (p *Pending) ack() {
+func (p *pending) ack() {
 	n := p.acks.Add(1)
 	if n == p.need {
 		p.once.Do(func() { close(p.done) })
@@ -139,14 +136,14 @@ func (p *Pending) ack() {
 	}
 }
 
-func (p *Pending) commit() {
+func (p *pending) commit() {
 	if p.onCommit != nil {
 		p.cOnce.Do(p.onCommit)
 	}
 }
 
-func (p *Pending) refuse() { p.sOnce.Do(func() { close(p.stale) }) }
-func (p *Pending) end(err error) {
+func (p *pending) refuse() { p.sOnce.Do(func() { close(p.stale) }) }
+func (p *pending) end(err error) {
 	p.eOnce.Do(func() { p.endErr = err; close(p.ended) })
 }
 
@@ -156,7 +153,7 @@ var errReplicatorClosed = fmt.Errorf("%w: replicator closed", ErrAckTimeout)
 // in to, and returns once need of them have made it durable (need 0 returns
 // at once). It returns an error wrapping ErrAckTimeout if ctx ends first and
 // storage.ErrStaleEpoch if a follower has admitted a newer term.
-func (r *Replicator) Replicate(ctx context.Context, epoch uint64, e storage.Entry, to []string, need int) error {
+func (r *replicator) Replicate(ctx context.Context, epoch uint64, e storage.Entry, to []string, need int) error {
 	p, err := r.Submit(epoch, e, to, need, need, nil)
 	if err != nil {
 		return err
@@ -169,8 +166,8 @@ func (r *Replicator) Replicate(ctx context.Context, epoch uint64, e storage.Entr
 // it durable; onCommit, if set, runs once (on a sender goroutine) when
 // commitAt of them have, even if nobody waits any more. It fails with
 // ErrAckTimeout when fewer than need followers can take the entry now.
-func (r *Replicator) Submit(epoch uint64, e storage.Entry, to []string, need, commitAt int, onCommit func()) (*Pending, error) {
-	p := &Pending{
+func (r *replicator) Submit(epoch uint64, e storage.Entry, to []string, need, commitAt int, onCommit func()) (*pending, error) {
+	p := &pending{
 		epoch: epoch, entry: toWire(e), need: int32(need), commitAt: int32(commitAt), onCommit: onCommit,
 		done: make(chan struct{}), stale: make(chan struct{}), ended: make(chan struct{}),
 	}
@@ -190,7 +187,7 @@ func (r *Replicator) Submit(epoch uint64, e storage.Entry, to []string, need, co
 // answer); their confirmations count like the others'. Followers p was
 // already queued for, and this node, are skipped. It returns how many
 // followers p is queued for in all.
-func (r *Replicator) Extend(p *Pending, to []string) int {
+func (r *replicator) Extend(p *pending, to []string) int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.sent == nil {
@@ -207,16 +204,23 @@ func (r *Replicator) Extend(p *Pending, to []string) int {
 	return len(p.sent)
 }
 
+// queuedFor is how many followers p is queued for.
+func (p *pending) queuedFor() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.sent)
+}
+
 // Done is closed once the entry reached its need.
-func (p *Pending) Done() <-chan struct{} { return p.done }
+func (p *pending) Done() <-chan struct{} { return p.done }
 
 // Committed reports whether commitAt followers have confirmed the entry.
-func (p *Pending) Committed() bool { return p.acks.Load() >= p.commitAt }
+func (p *pending) Committed() bool { return p.acks.Load() >= p.commitAt }
 
 // Wait blocks until the entry reached its need, and otherwise returns an
 // error wrapping ErrAckTimeout (ctx ended or the replicator closed),
 // ErrTermEnded, or storage.ErrStaleEpoch (a follower admitted a newer term).
-func (p *Pending) Wait(ctx context.Context) error {
+func (p *pending) Wait(ctx context.Context) error {
 	select {
 	case <-p.done:
 		return nil
@@ -236,7 +240,7 @@ func (p *Pending) Wait(ctx context.Context) error {
 
 // Queued returns how many entries wait for each follower it has sent to:
 // the leader's view of replication lag.
-func (r *Replicator) Queued() map[string]int {
+func (r *replicator) Queued() map[string]int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	out := make(map[string]int, len(r.peers))
@@ -247,9 +251,9 @@ func (r *Replicator) Queued() map[string]int {
 }
 
 // Behind lists followers whose queue overflowed: they missed entries, which
-// only their own repair brings back. Each stays listed until ClearBehind
-// (the leader has told it to repair).
-func (r *Replicator) Behind() []string {
+// only their own repair brings back. Each stays listed until a heartbeat
+// asking it to repair has been answered.
+func (r *replicator) Behind() []string {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	var out []string
@@ -261,25 +265,24 @@ func (r *Replicator) Behind() []string {
 	return out
 }
 
-// ClearBehind takes id off the Behind list.
-func (r *Replicator) ClearBehind(id string) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if p, ok := r.peers[id]; ok {
-		p.behind.Store(false)
-	}
-}
-
-// peer is one follower's queue and sender.
+// peer is the leader's link to one follower: its queue and the sender that
+// drains it, its liveness, and its heartbeat.
 type peer struct {
 	id     string
-	r      *Replicator
-	queue  chan *Pending
+	r      *replicator
+	queue  chan *pending
 	behind atomic.Bool
+	start  sync.Once // starts the sender on the first entry
+
+	// beat is held while a heartbeat to the follower is out: one at a time.
+	beat sync.Mutex
+
+	healthMu         sync.Mutex
+	lastOK, lastFail time.Time
 }
 
-// peer returns id's sender, starting it on first use; nil after Close.
-func (r *Replicator) peer(id string) *peer {
+// peer returns id's link, making it on first use; nil after Close.
+func (r *replicator) peer(id string) *peer {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.ctx.Err() != nil {
@@ -287,15 +290,21 @@ func (r *Replicator) peer(id string) *peer {
 	}
 	p, ok := r.peers[id]
 	if !ok {
-		p = &peer{id: id, r: r, queue: make(chan *Pending, r.cfg.QueueLen)}
+		p = &peer{id: id, r: r, queue: make(chan *pending, r.cfg.QueueLen)}
 		r.peers[id] = p
-		r.wg.Add(1)
-		go p.run()
 	}
 	return p
 }
 
-func (p *peer) enqueue(e *Pending) bool {
+func (p *peer) enqueue(e *pending) bool {
+	p.start.Do(func() {
+		p.r.mu.Lock() // no sender starts once Close has cancelled
+		defer p.r.mu.Unlock()
+		if p.r.ctx.Err() == nil {
+			p.r.wg.Add(1)
+			go p.run()
+		}
+	})
 	select {
 	case p.queue <- e:
 		return true
@@ -307,13 +316,98 @@ func (p *peer) enqueue(e *Pending) bool {
 	}
 }
 
+// note records a call's outcome for the follower's liveness: any answer
+// counts as alive, except a failure of the follower's own (see answered).
+func (p *peer) note(err error) {
+	p.healthMu.Lock()
+	defer p.healthMu.Unlock()
+	if answered(err) {
+		p.lastOK = time.Now()
+	} else {
+		p.lastFail = time.Now()
+	}
+}
+
+// down reports whether the last call to the follower failed.
+func (p *peer) down() bool {
+	p.healthMu.Lock()
+	defer p.healthMu.Unlock()
+	return p.lastFail.After(p.lastOK)
+}
+
+// note records the outcome of a call to member id (by any part of this
+// node) for its liveness.
+func (r *replicator) note(id string, err error) {
+	if p := r.peer(id); p != nil {
+		p.note(err)
+	}
+}
+
+// down reports whether the last call to member id failed.
+func (r *replicator) down(id string) bool {
+	r.mu.Lock()
+	p := r.peers[id]
+	r.mu.Unlock()
+	return p != nil && p.down()
+}
+
+// heartbeats tells every member, every interval while gate is open, that
+// this node leads, so followers' stale reads can state how recent they
+// are, and a member's liveness is known before a write depends on it. A
+// heartbeat to a follower marked behind asks it to repair. It returns when
+// ctx ends, after the heartbeats it sent.
+func (r *replicator) heartbeats(ctx context.Context, interval time.Duration, gate func() (uint64, bool), members func() []string) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		epoch, open := gate()
+		if !open {
+			continue
+		}
+		for _, id := range members() {
+			if p := r.peer(id); id != r.cfg.Self && p != nil && p.beat.TryLock() {
+				wg.Go(func() {
+					defer p.beat.Unlock()
+					p.heartbeat(ctx, epoch)
+				})
+			}
+		}
+	}
+}
+
+// heartbeat sends one heartbeat of term epoch.
+func (p *peer) heartbeat(ctx context.Context, epoch uint64) {
+	env := transport.Envelope{Epoch: epoch, Leader: p.r.cfg.Self, Repair: p.behind.Load()}
+	hctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	_, err := p.r.cfg.Peers.Replicate(hctx, p.id, transport.Batch{Envelope: env})
+	p.note(err)
+	if err == nil && env.Repair {
+		// The follower has been told; its repair pass fetches what its
+		// queue dropped.
+		p.behind.Store(false)
+	}
+	if fence, stale := refusedTerm(err); stale {
+		if f := p.r.cfg.OnStaleEpoch; f != nil {
+			f(fence)
+		}
+	}
+}
+
 // run ships the queue in order: a batch holds whatever is queued (up to
 // MaxBatch entries and MaxBatchBytes, one term per batch) and is retried
 // until it is applied or the follower refuses its term.
 func (p *peer) run() {
 	defer p.r.wg.Done()
-	batch := make([]*Pending, 0, p.r.cfg.MaxBatch)
-	var carry *Pending
+	batch := make([]*pending, 0, p.r.cfg.MaxBatch)
+	var carry *pending
 	for {
 		batch = batch[:0]
 		if carry != nil {
@@ -363,7 +457,7 @@ func (p *peer) drain() {
 // or refuses the batch itself. A refused batch is never sent again as it
 // was: it is split, and a single entry the follower will not take is left
 // to repair (the follower is marked behind).
-func (p *peer) deliver(batch []*Pending) {
+func (p *peer) deliver(batch []*pending) {
 	b := transport.Batch{Envelope: transport.Envelope{Epoch: batch[0].epoch, Leader: p.r.cfg.Self}, Entries: make([]transport.Entry, len(batch))}
 	for i, e := range batch {
 		b.Entries[i] = e.entry
@@ -382,13 +476,7 @@ func (p *peer) deliver(batch []*Pending) {
 		ctx, cancel := context.WithTimeout(p.r.ctx, 10*time.Second)
 		_, err := p.r.cfg.Peers.Replicate(ctx, p.id, b)
 		cancel()
-		if f := p.r.cfg.OnResult; f != nil {
-			if answered(err) {
-				f(p.id, nil)
-			} else {
-				f(p.id, err)
-			}
-		}
+		p.note(err)
 		if err == nil {
 			for _, e := range batch {
 				e.ack()
@@ -397,11 +485,13 @@ func (p *peer) deliver(batch []*Pending) {
 		}
 		if fence, stale := refusedTerm(err); stale {
 			p.r.log.Warn("follower refused this term", "follower", p.id, "epoch", b.Epoch, "fence", fence)
-			for _, e := range batch {
-				e.refuse()
-			}
+			// Step down first, so a waiter that hears of the refusal
+			// finds this node no longer leading.
 			if f := p.r.cfg.OnStaleEpoch; f != nil {
 				f(fence)
+			}
+			for _, e := range batch {
+				e.refuse()
 			}
 			return
 		}
@@ -430,7 +520,7 @@ func (p *peer) deliver(batch []*Pending) {
 // refused handles a follower's refusal of a batch's content (too large, or
 // an entry it cannot take): halves are sent on their own, and a single
 // refused entry is dropped for this follower, which repair then serves.
-func (p *peer) refused(batch []*Pending, te *transport.Error) {
+func (p *peer) refused(batch []*pending, te *transport.Error) {
 	if len(batch) > 1 {
 		p.r.log.Warn("follower refused a batch; sending it in halves", "follower", p.id, "entries", len(batch), "code", te.Code, "err", te.Message)
 		half := len(batch) / 2

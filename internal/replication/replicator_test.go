@@ -14,11 +14,11 @@ import (
 	"github.com/statefulkv/store/internal/transport"
 )
 
-// follower is a real store behind a Follower on an in-memory network,
+// follower is a real store behind a receiver on an in-memory network,
 // which a test can take down (its calls are never sent) and bring back.
 type follower struct {
 	db   *storage.DB
-	f    *Follower
+	f    *receiver
 	down atomic.Bool
 }
 
@@ -29,11 +29,11 @@ func newFollower(t *testing.T) *follower {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = db.Close() })
-	return &follower{db: db, f: &Follower{DB: db, Fence: NewFence(db.FenceEpoch())}}
+	return &follower{db: db, f: &receiver{DB: db, Fence: newFence(db.FenceEpoch())}}
 }
 
-// onlyBatches serves a Follower's batches and nothing else.
-type onlyBatches struct{ *Follower }
+// onlyBatches serves a receiver's batches and nothing else.
+type onlyBatches struct{ *receiver }
 
 func (onlyBatches) Digests(context.Context, transport.Sync) (transport.DigestsReply, error) {
 	return transport.DigestsReply{}, ErrInvalidCall
@@ -45,7 +45,7 @@ func (onlyBatches) ReadIndex(context.Context, transport.ReadIndex) (transport.Re
 	return transport.ReadIndexReply{}, ErrInvalidCall
 }
 
-func newTestReplicator(t *testing.T, followers map[string]*follower, onStale func(uint64)) *Replicator {
+func newTestReplicator(t *testing.T, followers map[string]*follower, onStale func(uint64)) *replicator {
 	t.Helper()
 	net := transport.NewInMem()
 	for id, f := range followers {
@@ -55,7 +55,7 @@ func newTestReplicator(t *testing.T, followers map[string]*follower, onStale fun
 		f, ok := followers[c.To]
 		return transport.Fault{Unreachable: ok && f.down.Load()}
 	})
-	r, err := NewReplicator(ReplicatorConfig{Self: "leader", OnStaleEpoch: onStale, Peers: net.Client("leader")})
+	r, err := newReplicator(replicatorConfig{Self: "leader", OnStaleEpoch: onStale, Peers: net.Client("leader")})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -40,12 +40,12 @@ func (c *Cluster) Status() Status {
 	st := Status{
 		ReplicationFactor: c.cfg.ReplicationFactor,
 		FactorMet:         len(c.members()) >= c.cfg.ReplicationFactor,
-		CaughtUpEpoch:     c.caughtUp.Load(),
+		CaughtUpEpoch:     c.gate.caughtUp.Load(),
 		LastContactMs:     min(c.LastContact(), 365*24*time.Hour).Milliseconds(),
 		Behind:            c.repl.Behind(),
 	}
-	if t := c.lastRepair.Load(); t != 0 {
-		lr := time.Unix(0, t).UTC()
+	if t := c.repair.lastPass(); !t.IsZero() {
+		lr := t.UTC()
 		st.LastRepair = &lr
 	}
 	parts := c.partitionsPerMember()
@@ -77,6 +77,7 @@ type clusterMetrics struct {
 	repairedKeys       prometheus.Counter
 	repairedPartitions prometheus.Counter
 	readIndexBatch     prometheus.Histogram
+	standIns           prometheus.Counter
 }
 
 func newClusterMetrics(reg prometheus.Registerer, c *Cluster) *clusterMetrics {
@@ -100,6 +101,10 @@ func newClusterMetrics(reg prometheus.Registerer, c *Cluster) *clusterMetrics {
 			Help:    "Keys per read-index request a follower sent the leader (strong reads sharing a round trip).",
 			Buckets: prometheus.ExponentialBuckets(1, 2, 10),
 		}),
+		standIns: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "store_replication_stand_in_copies_total",
+			Help: "Copies of entries the leader sent to live non-owners in place of owners that were down or slow to confirm.",
+		}),
 		repairedPartitions: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "store_replication_repaired_partitions_total",
 			Help: "Partitions this follower found different from the leader's and pulled.",
@@ -109,7 +114,7 @@ func newClusterMetrics(reg prometheus.Registerer, c *Cluster) *clusterMetrics {
 		return m
 	}
 	self := c.cfg.Self
-	reg.MustRegister(m.replicate, m.catchUp, m.repairedKeys, m.repairedPartitions, m.readIndexBatch,
+	reg.MustRegister(m.replicate, m.catchUp, m.repairedKeys, m.repairedPartitions, m.readIndexBatch, m.standIns,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "store_replication_partitions_owned",
 			Help: "Partitions this node owns under the current ring.",
@@ -141,8 +146,8 @@ func newClusterMetrics(reg prometheus.Registerer, c *Cluster) *clusterMetrics {
 			Name: "store_replication_repair_lag_seconds",
 			Help: "Time since this follower last completed a repair pass against the leader.",
 		}, func() float64 {
-			if t := c.lastRepair.Load(); t != 0 {
-				return time.Since(time.Unix(0, t)).Seconds()
+			if t := c.repair.lastPass(); !t.IsZero() {
+				return time.Since(t).Seconds()
 			}
 			return 0
 		}),

@@ -10,14 +10,6 @@ import (
 	"github.com/statefulkv/store/internal/transport"
 )
 
-// Paths of the replication calls (internal/transport serves them).
-const (
-	ReplicatePath = transport.ReplicatePath
-	DigestsPath   = transport.DigestsPath
-	EntriesPath   = transport.EntriesPath
-	ReadIndexPath = transport.ReadIndexPath
-)
-
 // Peers carries replication's calls to other members: transport.HTTP in a
 // real node, transport.InMemClient in tests. A call that never reached the
 // peer wraps transport.ErrNotSent; a refusal is a *transport.Error; any
@@ -117,21 +109,21 @@ type Applier interface {
 	FenceEpoch() uint64
 }
 
-// Follower applies the batches a leader sends: it admits each through the
+// receiver applies the batches a leader sends: it admits each through the
 // fence (an older term, or another leader claiming the current one, is
 // refused with a *StaleError) and through the store's durable fence, and
 // applies it durably before answering. A refused batch changes nothing. An
 // empty batch is a heartbeat. OnAdmit, if set, hears every admitted
 // envelope.
-type Follower struct {
+type receiver struct {
 	DB      Applier
-	Fence   *Fence
-	OnAdmit func(Envelope)
+	Fence   *termFence
+	OnAdmit func(envelope)
 }
 
 // Replicate is the follower's side of a batch.
-func (f *Follower) Replicate(ctx context.Context, b transport.Batch) (transport.BatchReply, error) {
-	env := fromEnvelope(b.Envelope)
+func (f *receiver) Replicate(ctx context.Context, b transport.Batch) (transport.BatchReply, error) {
+	env := b.Envelope
 	if env.Epoch == 0 || env.Leader == "" {
 		return transport.BatchReply{}, fmt.Errorf("%w: batch without epoch or leader", ErrInvalidCall)
 	}
@@ -158,12 +150,4 @@ func (f *Follower) Replicate(ctx context.Context, b transport.Batch) (transport.
 		return transport.BatchReply{}, fmt.Errorf("apply batch: %w", err)
 	}
 	return transport.BatchReply{Applied: n, Fence: f.DB.FenceEpoch()}, nil
-}
-
-func toEnvelope(e Envelope) transport.Envelope {
-	return transport.Envelope{Epoch: e.Epoch, Leader: e.Leader, Repair: e.Repair}
-}
-
-func fromEnvelope(e transport.Envelope) Envelope {
-	return Envelope{Epoch: e.Epoch, Leader: e.Leader, Repair: e.Repair}
 }

@@ -100,6 +100,9 @@ func NewHTTP(cfg HTTPConfig) (*HTTP, error) {
 	return &HTTP{cfg: cfg, client: c}, nil
 }
 
+// RoundTripper is what the calls travel over.
+func (c *HTTP) RoundTripper() http.RoundTripper { return c.cfg.RoundTripper }
+
 // Write forwards a write to the leader to.
 func (c *HTTP) Write(ctx context.Context, to string, w Write) (WriteReply, error) {
 	var r WriteReply

@@ -9,13 +9,13 @@ import (
 	"github.com/statefulkv/store/internal/transport"
 )
 
-// MaxPageBytes bounds the values one Entries answer carries: a page of
+// maxPageBytes bounds the values one Entries answer carries: a page of
 // keys stops growing once it passes this size (it always holds at least
 // one entry), and the caller asks again for the rest.
-const MaxPageBytes = 8 << 20
+const maxPageBytes = 8 << 20
 
 // Service is what this node serves to the other members' replication
-// calls: batches (Follower), digests, entries and the read index.
+// calls: batches (receiver), digests, entries and the read index.
 func (c *Cluster) Service() transport.ReplicaService { return replicaService{c} }
 
 type replicaService struct{ c *Cluster }
@@ -27,9 +27,9 @@ func (s replicaService) Replicate(ctx context.Context, b transport.Batch) (trans
 // authority decides whether a sync request may be answered: a catching up
 // leader's envelope must pass the fence; without one, this node must be
 // the caught-up leader, whose envelope heads the reply.
-func (c *Cluster) authority(ctx context.Context, req transport.Sync) (Envelope, error) {
+func (c *Cluster) authority(ctx context.Context, req transport.Sync) (envelope, error) {
 	if req.HasEnvelope {
-		env := fromEnvelope(req.Envelope)
+		env := req.Envelope
 		if err := c.admit(env); err != nil {
 			return env, &StaleError{Fence: c.fence.Highest(), Err: err}
 		}
@@ -44,9 +44,9 @@ func (c *Cluster) authority(ctx context.Context, req transport.Sync) (Envelope, 
 	}
 	epoch, open := c.WriteGate()
 	if !open {
-		return Envelope{}, fmt.Errorf("%w: %s is not a caught-up leader", ErrNotCaughtUp, c.cfg.Self)
+		return envelope{}, fmt.Errorf("%w: %s is not a caught-up leader", ErrNotCaughtUp, c.cfg.Self)
 	}
-	return Envelope{Epoch: epoch, Leader: c.cfg.Self}, nil
+	return envelope{Epoch: epoch, Leader: c.cfg.Self}, nil
 }
 
 func (s replicaService) Digests(ctx context.Context, req transport.Sync) (transport.DigestsReply, error) {
@@ -54,18 +54,18 @@ func (s replicaService) Digests(ctx context.Context, req transport.Sync) (transp
 	if err != nil {
 		return transport.DigestsReply{}, err
 	}
-	return transport.DigestsReply{Envelope: toEnvelope(env), Digests: s.c.cfg.Local.Digests()}, nil
+	return transport.DigestsReply{Envelope: env, Digests: s.c.cfg.Local.Digests()}, nil
 }
 
 // Entries answers the keys and versions of partitions (VersionsOnly), or
 // the entries of exactly the keys asked for, a page of at most about
-// MaxPageBytes of them.
+// maxPageBytes of them.
 func (s replicaService) Entries(ctx context.Context, req transport.Sync) (transport.EntriesReply, error) {
 	env, err := s.c.authority(ctx, req)
 	if err != nil {
 		return transport.EntriesReply{}, err
 	}
-	reply := transport.EntriesReply{Envelope: toEnvelope(env)}
+	reply := transport.EntriesReply{Envelope: env}
 	switch {
 	case req.VersionsOnly:
 		entries, err := s.c.cfg.Local.PartitionVersions(req.Partitions)
@@ -83,7 +83,7 @@ func (s replicaService) Entries(ctx context.Context, req transport.Sync) (transp
 	// A few keys at a time, so a page of large values stops near the bound.
 	const step = 16
 	size := 0
-	for reply.Covered < len(req.Keys) && (reply.Covered == 0 || size < MaxPageBytes) {
+	for reply.Covered < len(req.Keys) && (reply.Covered == 0 || size < maxPageBytes) {
 		keys := req.Keys[reply.Covered:min(reply.Covered+step, len(req.Keys))]
 		entries, err := s.c.cfg.Local.LookupMany(keys)
 		if err != nil {
@@ -106,7 +106,7 @@ func (s replicaService) ReadIndex(ctx context.Context, req transport.ReadIndex) 
 	if len(req.Keys) == 0 {
 		return transport.ReadIndexReply{}, fmt.Errorf("%w: a read index needs at least one key", ErrInvalidCall)
 	}
-	entries, found, epoch, err := s.c.leaderRead(ctx, req.Keys)
+	entries, found, epoch, err := s.c.ri.leaderRead(ctx, req.Keys)
 	if err != nil {
 		return transport.ReadIndexReply{}, err
 	}
@@ -119,21 +119,15 @@ func (s replicaService) ReadIndex(ctx context.Context, req transport.ReadIndex) 
 	return reply, nil
 }
 
-// note records a call's outcome for the member's liveness.
-func (c *Cluster) note(id string, err error) {
-	if answered(err) {
-		c.noteResult(id, nil)
-	} else {
-		c.noteResult(id, err)
-	}
-}
+// note records a call's outcome for member id's liveness.
+func (c *Cluster) note(id string, err error) { c.repl.note(id, err) }
 
 // digestsOf asks member id for its digests (env: this node's catch-up
 // envelope, or nil for a repair against the leader).
-func (c *Cluster) digestsOf(ctx context.Context, id string, env *Envelope) (transport.DigestsReply, error) {
+func (c *Cluster) digestsOf(ctx context.Context, id string, env *envelope) (transport.DigestsReply, error) {
 	req := transport.Sync{}
 	if env != nil {
-		req.HasEnvelope, req.Envelope = true, toEnvelope(*env)
+		req.HasEnvelope, req.Envelope = true, *env
 	}
 	reply, err := c.cfg.Peers.Digests(ctx, id, req)
 	c.note(id, err)
@@ -146,10 +140,10 @@ func (c *Cluster) digestsOf(ctx context.Context, id string, env *Envelope) (tran
 // applies them here in term epoch (newer versions win). Steady-state
 // differences, a few keys in flight, thus cost a few keys, not whole
 // partitions. It returns how many entries changed this node.
-func (c *Cluster) fetchNewer(ctx context.Context, from string, env *Envelope, epoch uint64, parts []int) (int, error) {
+func (c *Cluster) fetchNewer(ctx context.Context, from string, env *envelope, epoch uint64, parts []int) (int, error) {
 	sync := transport.Sync{Partitions: parts, VersionsOnly: true}
 	if env != nil {
-		sync.HasEnvelope, sync.Envelope = true, toEnvelope(*env)
+		sync.HasEnvelope, sync.Envelope = true, *env
 	}
 	versions, err := c.cfg.Peers.Entries(ctx, from, sync)
 	c.note(from, err)
