@@ -172,13 +172,13 @@ func TestForward_ForwardedRequestIsNeverForwardedAgain(t *testing.T) {
 func TestForward_RedirectAnswers307ToTheLeader(t *testing.T) {
 	p := newPair(t, nil)
 	client := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
-	req, _ := http.NewRequest("PUT", p.follower.url+"/v1/kv/k?redirect=true&x=1", strings.NewReader("1"))
+	req, _ := http.NewRequest("PUT", p.follower.url+"/v1/kv/k?redirect=true&ack=all", strings.NewReader("1"))
 	resp, err := client.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
 	resp.Body.Close()
-	want := "http://" + p.peers["n-leader"] + "/v1/kv/k?redirect=true&x=1"
+	want := "http://" + p.peers["n-leader"] + "/v1/kv/k?redirect=true&ack=all"
 	if resp.StatusCode != 307 || resp.Header.Get("Location") != want {
 		t.Fatalf("redirect = %d %q, want 307 %q", resp.StatusCode, resp.Header.Get("Location"), want)
 	}

@@ -93,8 +93,9 @@ func (n *testNode) do(method, path string, body string, headers ...string) respo
 	if err != nil {
 		n.t.Fatal(err)
 	}
+	// Add, not Set: a name given twice is sent as two header lines.
 	for i := 0; i+1 < len(headers); i += 2 {
-		req.Header.Set(headers[i], headers[i+1])
+		req.Header.Add(headers[i], headers[i+1])
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
@@ -265,8 +266,9 @@ func TestServer_Errors_RejectAndChangeNothing(t *testing.T) {
 		{"stale If-Match", "PUT", "/v1/kv/existing", `1`, []string{"If-Match", `"1.99"`}, 412, "condition_failed"},
 		{"If-None-Match on existing", "PUT", "/v1/kv/existing", `1`, []string{"If-None-Match", "*"}, 412, "condition_failed"},
 		{"If-Match on missing key", "PUT", "/v1/kv/missing", `1`, []string{"If-Match", `"1.1"`}, 412, "condition_failed"},
-		{"malformed If-Match", "PUT", "/v1/kv/existing", `1`, []string{"If-Match", `"v7"`}, 400, "invalid_precondition"},
-		{"weak If-Match", "PUT", "/v1/kv/existing", `1`, []string{"If-Match", `W/"1.1"`}, 400, "invalid_precondition"},
+		{"malformed If-Match", "PUT", "/v1/kv/existing", `1`, []string{"If-Match", `"v7`}, 400, "invalid_precondition"},
+		{"If-Match with a tag never issued", "PUT", "/v1/kv/existing", `1`, []string{"If-Match", `"v7"`}, 412, "condition_failed"},
+		{"weak If-Match", "PUT", "/v1/kv/existing", `1`, []string{"If-Match", `W/"1.1"`}, 412, "condition_failed"},
 		{"both conditions", "PUT", "/v1/kv/existing", `1`, []string{"If-Match", `"1.1"`, "If-None-Match", "*"}, 400, "invalid_precondition"},
 		{"If-None-Match with a version", "PUT", "/v1/kv/existing", `1`, []string{"If-None-Match", `"1.1"`}, 400, "invalid_precondition"},
 		{"If-None-Match on DELETE", "DELETE", "/v1/kv/existing", ``, []string{"If-None-Match", "*"}, 400, "invalid_precondition"},
@@ -318,7 +320,7 @@ func TestServer_Errors_DetailsForTheClient(t *testing.T) {
 		t.Fatalf("415 does not name the header to send: %s", r.body)
 	}
 	r = n.do("POST", "/v1/kv/k", `1`)
-	if got := r.header.Get("Allow"); got != "GET, PUT, DELETE" {
+	if got := r.header.Get("Allow"); got != "GET, HEAD, PUT, DELETE" {
 		t.Fatalf("405 Allow = %q", got)
 	}
 }
