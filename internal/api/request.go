@@ -210,12 +210,18 @@ func parseQuery(r *http.Request, known ...string) (query, error) {
 	return q, nil
 }
 
-// routeOf names r's route for messages, e.g. "GET /v1/kv/{key}".
+// routeOf names r's route for messages, e.g. "GET /v1/kv/{key}". A HEAD
+// is named as the GET it mirrors, so that its headers, Content-Length
+// included, are exactly the GET's.
 func routeOf(r *http.Request) string {
-	if strings.HasPrefix(r.URL.Path, kvPrefix) {
-		return r.Method + " /v1/kv/{key}"
+	m := r.Method
+	if m == http.MethodHead {
+		m = http.MethodGet
 	}
-	return r.Method + " " + r.URL.Path
+	if strings.HasPrefix(r.URL.Path, kvPrefix) {
+		return m + " /v1/kv/{key}"
+	}
+	return m + " " + r.URL.Path
 }
 
 // listParams parses GET /v1/kv's query.
