@@ -19,9 +19,13 @@ type precondition struct {
 	// can match.
 	tagged   bool
 	versions []storage.Version
-	// unmatchable lists, for the message, tags that can never match.
+	// unmatchable names, for the message, the first tags that can never
+	// match.
 	unmatchable []string
 }
+
+// maxTagsNamed bounds how many tags a message repeats.
+const maxTagsNamed = 3
 
 // parsePreconditions reads If-Match and If-None-Match. Only a header that
 // is syntactically broken, empty, or asks for what the store cannot do is
@@ -56,16 +60,15 @@ func parsePreconditions(h http.Header) (precondition, error) {
 		}
 		pre.tagged = true
 		for _, t := range tags {
-			v, ok := t.version()
-			switch {
-			case !ok:
-				pre.unmatchable = append(pre.unmatchable, t.String())
-			case !slices.Contains(pre.versions, v):
+			if v, ok := t.version(); ok {
 				pre.versions = append(pre.versions, v)
+			} else if len(pre.unmatchable) < maxTagsNamed {
+				pre.unmatchable = append(pre.unmatchable, t.String())
 			}
 		}
 		// Newest first: a client listing the versions it knows most
-		// likely holds the current one last written.
+		// likely holds the current one last written. Sorted, then
+		// compacted: a header may list many thousand tags.
 		slices.SortFunc(pre.versions, func(a, b storage.Version) int {
 			switch {
 			case b.Less(a):
@@ -75,6 +78,7 @@ func parsePreconditions(h http.Header) (precondition, error) {
 			}
 			return 0
 		})
+		pre.versions = slices.Compact(pre.versions)
 	}
 	return pre, nil
 }

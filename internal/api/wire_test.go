@@ -149,7 +149,7 @@ func TestServer_PreHandlerErrors_PlainTextAsDocumented(t *testing.T) {
 		body   string
 	}{
 		{"malformed request line", "NONSENSE\r\n\r\n", 400, plain, "400 Bad Request"},
-		{"HTTP version not 1.x", "GET /healthz HTTP/3.0\r\nHost: t\r\n\r\n", 505, plain, "505 HTTP Version Not Supported: unsupported protocol version"},
+		{"HTTP version not 1.x", "GET /healthz HTTP/2.0\r\nHost: t\r\n\r\n", 505, plain, "505 HTTP Version Not Supported: unsupported protocol version"},
 		{"bad escape in the path", "GET /v1/kv/a%zz HTTP/1.1\r\nHost: t\r\n\r\n", 400, plain, "400 Bad Request"},
 		{"control byte in the path", "GET /v1/kv/a\x01b HTTP/1.1\r\nHost: t\r\n\r\n", 400, plain, "400 Bad Request"},
 		{"header line without a colon", "GET /healthz HTTP/1.1\r\nHost: t\r\nnonsense\r\n\r\n", 400, plain, "400 Bad Request"},
