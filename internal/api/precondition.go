@@ -192,7 +192,7 @@ func parseTagList(name string, lines []string) (star bool, tags []entityTag, err
 	case elements == 0:
 		return false, nil, bad("the list is empty; send a quoted ETag such as \"1.42\", or *")
 	case star && elements > 1:
-		return false, nil, bad("* cannot be combined with entity-tags")
+		return false, nil, bad("* must stand alone, not in a list")
 	}
 	return star, tags, nil
 }
