@@ -45,7 +45,7 @@ func parsePreconditions(h http.Header) (precondition, error) {
 			return pre, err
 		}
 		if !star {
-			return pre, fmt.Errorf("%w: If-None-Match supports only * (create only), got %q", errInvalidPrecondition, strings.Join(tagStrings(tags), ", "))
+			return pre, fmt.Errorf("%w: If-None-Match supports only * (create only), got %q", errInvalidPrecondition, strings.Join(tagStrings(tags[:min(len(tags), maxTagsNamed)]), ", "))
 		}
 		pre.ifAbsent = true
 	}
