@@ -54,8 +54,11 @@ unit:
 chaos: controlplane
 	set -o pipefail; CHAOS_DURATION=$${CHAOS_DURATION:-3m} $(GO) test -race -count=1 -timeout 60m -run TestLinearizable -v ./cmd/store | grep -E '^(---|ok|FAIL|\s+\S+_test.go)'
 
+# go test -fuzz takes one package and one target at a time, so the fuzzers
+# run one after the other, each for FUZZTIME. make test runs their seeds.
 fuzz:
-	$(GO) test -run='^$$' -fuzz=FuzzDB_MatchesMapModel -fuzztime=$${FUZZTIME:-60s} ./internal/storage
+	$(GO) test -run='^$$' -fuzz='^FuzzDB_MatchesMapModel$$' -fuzztime=$${FUZZTIME:-60s} ./internal/storage
+	$(GO) test -run='^$$' -fuzz='^FuzzServer_Handler$$' -fuzztime=$${FUZZTIME:-60s} ./internal/api
 
 # Storage and HTTP benchmarks; compare runs with benchstat.
 bench:

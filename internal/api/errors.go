@@ -6,6 +6,7 @@ import (
 	"errors"
 	"log/slog"
 	"net/http"
+	"strconv"
 
 	"github.com/statefulkv/store/internal/node"
 	"github.com/statefulkv/store/internal/peerhttp"
@@ -25,10 +26,17 @@ var (
 	errInvalidParameter    = errors.New("invalid query parameter")
 	errInvalidPrecondition = errors.New("invalid precondition header")
 	errInvalidRequestID    = errors.New("invalid request id")
-	errRouteNotFound       = errors.New("no such route")
-	errMethodNotAllowed    = errors.New("method not allowed")
-	errNotReady            = errors.New("not ready")
-	errPeerAuth            = errors.New("peer authentication failed")
+	// errIncompleteBody is a request body that ended before its
+	// Content-Length or final chunk, or whose framing broke: the client
+	// hung up or sent less than it announced.
+	errIncompleteBody = errors.New("incomplete request body")
+	// errRequestTimeout is a request body that did not arrive within the
+	// http.Server's ReadTimeout.
+	errRequestTimeout   = errors.New("request body timed out")
+	errRouteNotFound    = errors.New("no such route")
+	errMethodNotAllowed = errors.New("method not allowed")
+	errNotReady         = errors.New("not ready")
+	errPeerAuth         = errors.New("peer authentication failed")
 )
 
 // errorTable is the one place where errors become HTTP statuses and the
@@ -44,6 +52,8 @@ var errorTable = []struct {
 	{errInvalidParameter, http.StatusBadRequest, "invalid_parameter"},
 	{errInvalidPrecondition, http.StatusBadRequest, "invalid_precondition"},
 	{errInvalidRequestID, http.StatusBadRequest, "invalid_request_id"},
+	{errIncompleteBody, http.StatusBadRequest, "incomplete_body"},
+	{errRequestTimeout, http.StatusRequestTimeout, "request_timeout"},
 	{node.ErrInvalidRequest, http.StatusBadRequest, "invalid_request"},
 	{replication.ErrInvalidCall, http.StatusBadRequest, "invalid_request"},
 	{replication.ErrNotCaughtUp, http.StatusServiceUnavailable, "not_leader"},
@@ -130,6 +140,10 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	if status == http.StatusServiceUnavailable {
 		w.Header().Set("Retry-After", "1")
 	}
+	if errors.Is(err, errIncompleteBody) || errors.Is(err, errRequestTimeout) {
+		// The rest of the body, if any, cannot be told from a next request.
+		w.Header().Set("Connection", "close")
+	}
 	writeJSON(w, status, errorBody{Error: d})
 }
 
@@ -194,7 +208,11 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 		http.Error(w, `{"error":{"code":"internal","message":"encode response"}}`, http.StatusInternalServerError)
 		return
 	}
+	b = append(b, '\n')
 	w.Header().Set("Content-Type", "application/json")
+	// Set here so a HEAD, whose body net/http drops, says how long the
+	// GET's body is.
+	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
 	w.WriteHeader(status)
-	_, _ = w.Write(append(b, '\n'))
+	_, _ = w.Write(b)
 }

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -172,13 +173,13 @@ func TestForward_ForwardedRequestIsNeverForwardedAgain(t *testing.T) {
 func TestForward_RedirectAnswers307ToTheLeader(t *testing.T) {
 	p := newPair(t, nil)
 	client := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
-	req, _ := http.NewRequest("PUT", p.follower.url+"/v1/kv/k?redirect=true&x=1", strings.NewReader("1"))
+	req, _ := http.NewRequest("PUT", p.follower.url+"/v1/kv/k?redirect=true&ack=all", strings.NewReader("1"))
 	resp, err := client.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
 	resp.Body.Close()
-	want := "http://" + p.peers["n-leader"] + "/v1/kv/k?redirect=true&x=1"
+	want := "http://" + p.peers["n-leader"] + "/v1/kv/k?redirect=true&ack=all"
 	if resp.StatusCode != 307 || resp.Header.Get("Location") != want {
 		t.Fatalf("redirect = %d %q, want 307 %q", resp.StatusCode, resp.Header.Get("Location"), want)
 	}
@@ -508,5 +509,42 @@ func TestLeader_StaleEpochIs503NotApplied(t *testing.T) {
 	}
 	if _, err := p.leader.db.Get("a"); err == nil || p.leader.db.LastSeq() != before {
 		t.Fatal("a refused write was applied")
+	}
+}
+
+// Item 5: in cluster mode a HEAD of a key goes through the node exactly as
+// a GET does: proxied to the replica that serves it, or redirected.
+func TestForward_HeadOfKeyGoesThroughTheNode(t *testing.T) {
+	p := newPair(t, nil)
+	put := p.follower.do("PUT", "/v1/kv/h", `{"x":"head"}`)
+	get := p.follower.do("GET", "/v1/kv/h", "")
+	head := p.follower.do("HEAD", "/v1/kv/h", "")
+	if head.status != 200 || head.body != "" || head.header.Get("ETag") != put.header.Get("ETag") ||
+		head.header.Get("Content-Length") != strconv.Itoa(len(`{"x":"head"}`)) {
+		t.Fatalf("HEAD via follower = %d %v %q", head.status, head.header, head.body)
+	}
+	// The follower holds nothing: the answer came through the node.
+	if p.follower.db.LastSeq() != 0 {
+		t.Fatal("the follower applied the write itself")
+	}
+	if head.header.Get("Content-Type") != "application/json" {
+		t.Errorf("HEAD Content-Type = %q", head.header.Get("Content-Type"))
+	}
+	for _, h := range []string{HeaderServedBy, HeaderConsistency, HeaderLastContact, "Content-Type"} {
+		if head.header.Get(h) != get.header.Get(h) {
+			t.Errorf("HEAD %s = %q, GET's = %q", h, head.header.Get(h), get.header.Get(h))
+		}
+	}
+	if r := p.follower.do("HEAD", "/v1/kv/missing", ""); r.status != 404 || r.body != "" {
+		t.Fatalf("HEAD of a missing key via follower = %d %q", r.status, r.body)
+	}
+	client := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	resp, err := client.Head(p.follower.url + "/v1/kv/h?redirect=true")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 307 || !strings.HasSuffix(resp.Header.Get("Location"), "/v1/kv/h?redirect=true") {
+		t.Fatalf("HEAD ?redirect=true = %d %q", resp.StatusCode, resp.Header.Get("Location"))
 	}
 }

@@ -5,8 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"mime"
 	"net/http"
+	"net/url"
+	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -49,29 +53,58 @@ func validateKey(key, what string) error {
 	return nil
 }
 
-// checkContentType accepts JSON media types, no header at all, and the form
-// type that a bare `curl -d` sends, because that is what people type.
-func checkContentType(r *http.Request) error {
-	ct := r.Header.Get("Content-Type")
-	if ct == "" {
-		return nil
-	}
-	mt, _, err := mime.ParseMediaType(ct)
-	if err == nil {
-		switch {
-		case mt == "application/json", mt == "text/json",
-			strings.HasPrefix(mt, "application/") && strings.HasSuffix(mt, "+json"),
-			mt == "application/x-www-form-urlencoded":
-			return nil
+// checkContentHeaders refuses a body whose bytes the client has told us
+// are not plain UTF-8 JSON. Content-Type may be absent, a JSON type, or the
+// form type that a bare `curl -d` sends, because that is what people type.
+//
+// A charset other than utf-8 is refused (415) rather than ignored: JSON is
+// UTF-8 (RFC 8259 §8.1), and a client that says latin1 means its bytes are
+// latin1; if they happened to be valid UTF-8 too ("Ã©" is C3 A9) we would
+// store different text than the client meant, silently. Content-Type is a
+// single-valued field, so two of them are refused as well instead of
+// letting one win; and this server decodes no content coding, so an
+// encoded body is refused for what it is, not as invalid JSON.
+func checkContentHeaders(r *http.Request) error {
+	switch cts := r.Header.Values("Content-Type"); {
+	case len(cts) > 1:
+		return fmt.Errorf("%w: %d Content-Type headers (%q); send exactly one, 'Content-Type: application/json'", errUnsupportedMedia, len(cts), cts)
+	case len(cts) == 1 && cts[0] != "":
+		if err := checkContentType(cts[0]); err != nil {
+			return err
 		}
 	}
-	return fmt.Errorf("%w: Content-Type %q; send the header 'Content-Type: application/json'", errUnsupportedMedia, ct)
+	for _, line := range r.Header.Values("Content-Encoding") {
+		for c := range strings.SplitSeq(line, ",") {
+			if c = strings.TrimSpace(c); c != "" && !strings.EqualFold(c, "identity") {
+				return fmt.Errorf("%w: Content-Encoding %q; this server decodes no content coding, send the body unencoded (no Content-Encoding header)", errUnsupportedMedia, line)
+			}
+		}
+	}
+	return nil
+}
+
+func checkContentType(ct string) error {
+	mt, params, err := mime.ParseMediaType(ct)
+	if err != nil {
+		return fmt.Errorf("%w: Content-Type %q cannot be parsed (%w); send the header 'Content-Type: application/json'", errUnsupportedMedia, ct, err)
+	}
+	switch {
+	case mt == "application/json", mt == "text/json",
+		strings.HasPrefix(mt, "application/") && strings.HasSuffix(mt, "+json"),
+		mt == "application/x-www-form-urlencoded":
+	default:
+		return fmt.Errorf("%w: Content-Type %q; send the header 'Content-Type: application/json'", errUnsupportedMedia, ct)
+	}
+	if cs, ok := params["charset"]; ok && !strings.EqualFold(cs, "utf-8") {
+		return fmt.Errorf("%w: Content-Type %q: charset %q; JSON is UTF-8 (RFC 8259 §8.1), send UTF-8 with charset=utf-8 or no charset", errUnsupportedMedia, ct, cs)
+	}
+	return nil
 }
 
 // readValue reads and validates the request body as one JSON value of at
-// most max bytes. The bytes are kept exactly as sent.
+// most max bytes of UTF-8. The bytes are kept exactly as sent.
 func readValue(w http.ResponseWriter, r *http.Request, max int64) ([]byte, error) {
-	if err := checkContentType(r); err != nil {
+	if err := checkContentHeaders(r); err != nil {
 		return nil, err
 	}
 	if r.ContentLength > max {
@@ -79,18 +112,53 @@ func readValue(w http.ResponseWriter, r *http.Request, max int64) ([]byte, error
 	}
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, max))
 	if err != nil {
-		if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
-			return nil, fmt.Errorf("%w: body exceeds the limit of %d bytes (--max-value-bytes)", errValueTooLarge, max)
-		}
-		return nil, fmt.Errorf("read body: %w", err)
+		return nil, bodyReadError(r, len(body), max, err)
 	}
 	if len(body) == 0 {
 		return nil, fmt.Errorf(`%w: body is empty; send one JSON value, e.g. {"a":1}, "text", 42 or null`, errInvalidJSON)
+	}
+	if i := invalidUTF8(body); i >= 0 {
+		return nil, fmt.Errorf("%w: body is not valid UTF-8 at byte %d; JSON text must be UTF-8 (RFC 8259 §8.1)", errInvalidJSON, i)
 	}
 	if !json.Valid(body) {
 		return nil, fmt.Errorf("%w: %s", errInvalidJSON, describeJSONError(body))
 	}
 	return body, nil
+}
+
+// bodyReadError says why the body could not be read. Every cause but the
+// size limit is the client's or its network's: the connection's read
+// deadline (the http.Server's ReadTimeout) passed, the client hung up
+// before sending what it announced, or the chunked framing broke. None is a
+// server fault, so none is a 500.
+func bodyReadError(r *http.Request, got int, max int64, err error) error {
+	if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
+		return fmt.Errorf("%w: body exceeds the limit of %d bytes (--max-value-bytes)", errValueTooLarge, max)
+	}
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return fmt.Errorf("%w: the body did not arrive within the server's read timeout (%d bytes received): %w", errRequestTimeout, got, err)
+	}
+	if errors.Is(err, io.ErrUnexpectedEOF) && r.ContentLength > 0 {
+		return fmt.Errorf("%w: body ended after %d of the %d bytes its Content-Length announced", errIncompleteBody, got, r.ContentLength)
+	}
+	return fmt.Errorf("%w: body could not be read in full (%d bytes received): %w", errIncompleteBody, got, err)
+}
+
+// invalidUTF8 is the offset of the first byte that is not UTF-8, or -1.
+// json.Valid alone lets such bytes through inside strings.
+func invalidUTF8(b []byte) int {
+	for i := 0; i < len(b); {
+		if b[i] < utf8.RuneSelf {
+			i++
+			continue
+		}
+		c, size := utf8.DecodeRune(b[i:])
+		if c == utf8.RuneError && size == 1 {
+			return i
+		}
+		i += size
+	}
+	return -1
 }
 
 // describeJSONError says where the body stops being JSON.
@@ -106,57 +174,65 @@ func describeJSONError(body []byte) string {
 	return "body is not a single JSON value"
 }
 
-// conditions parses If-Match / If-None-Match into the write.
-func conditions(r *http.Request, m *node.Write) error {
-	ifMatch := strings.TrimSpace(r.Header.Get("If-Match"))
-	ifNone := strings.TrimSpace(r.Header.Get("If-None-Match"))
-	if ifMatch != "" && ifNone != "" {
-		return fmt.Errorf("%w: send If-Match or If-None-Match, not both", errInvalidPrecondition)
+// query is a request's query string, each parameter given at most once.
+type query map[string]string
+
+// parseQuery decodes r's query strictly, so that nothing a client sends is
+// silently dropped: a query that cannot be decoded (a bad % escape, a raw
+// ';', which Go no longer treats as a separator), a parameter given twice
+// (which one would win?) and a parameter the route does not take (a typo
+// such as consistancy=stale would otherwise give a strong read) are each an
+// error naming the problem. It works on RawQuery because URL.Query drops
+// what it cannot decode.
+func parseQuery(r *http.Request, known ...string) (query, error) {
+	q := query{}
+	if r.URL.RawQuery == "" {
+		return q, nil
 	}
-	if ifNone != "" {
-		if ifNone != "*" {
-			return fmt.Errorf("%w: If-None-Match supports only *, got %q", errInvalidPrecondition, ifNone)
+	vals, err := url.ParseQuery(r.URL.RawQuery)
+	if err != nil {
+		return nil, fmt.Errorf("%w: the query string cannot be decoded: %w", errInvalidParameter, err)
+	}
+	for _, name := range slices.Sorted(maps.Keys(vals)) {
+		switch vs := vals[name]; {
+		case !slices.Contains(known, name):
+			takes := "takes no parameters"
+			if len(known) > 0 {
+				takes = "takes only " + strings.Join(known, ", ")
+			}
+			return nil, fmt.Errorf("%w: unknown parameter %q; %s %s", errInvalidParameter, name, routeOf(r), takes)
+		case len(vs) > 1:
+			return nil, fmt.Errorf("%w: %s is given %d times (%q); send it once", errInvalidParameter, name, len(vs), vs)
+		default:
+			q[name] = vs[0]
 		}
-		m.IfAbsent = true
 	}
-	if ifMatch == "*" {
-		m.IfExists = true
-	} else if ifMatch != "" {
-		v, err := parseETag(ifMatch)
-		if err != nil {
-			return fmt.Errorf("%w: If-Match: %w", errInvalidPrecondition, err)
-		}
-		m.IfMatch = v
-	}
-	return nil
+	return q, nil
 }
 
-// parseETag accepts `"1.5"` (the form we send) and, leniently, bare 1.5.
-func parseETag(s string) (storage.Version, error) {
-	if strings.HasPrefix(s, "W/") {
-		return storage.Version{}, fmt.Errorf("weak ETag %s cannot be used for a compare-and-set", s)
+// routeOf names r's route for messages, e.g. "GET /v1/kv/{key}". A HEAD
+// is named as the GET it mirrors, so that its headers, Content-Length
+// included, are exactly the GET's.
+func routeOf(r *http.Request) string {
+	m := r.Method
+	if m == http.MethodHead {
+		m = http.MethodGet
 	}
-	if strings.Contains(s, ",") {
-		return storage.Version{}, fmt.Errorf("%q lists several versions; send exactly one", s)
+	if strings.HasPrefix(r.URL.Path, kvPrefix) {
+		return m + " /v1/kv/{key}"
 	}
-	if unq, err := strconv.Unquote(s); err == nil && strings.HasPrefix(s, `"`) {
-		s = unq
-	}
-	return storage.ParseVersion(s)
+	return m + " " + r.URL.Path
 }
-
-func etag(v storage.Version) string { return `"` + v.String() + `"` }
 
 // listParams parses GET /v1/kv's query.
-func listParams(r *http.Request) (node.ListOptions, error) {
-	q := r.URL.Query()
-	opts := node.ListOptions{Prefix: q.Get("prefix"), After: q.Get("after"), Limit: defaultListLimit}
-	for name, v := range map[string]string{"prefix": opts.Prefix, "after": opts.After} {
-		if len(v) > MaxKeyBytes || !utf8.ValidString(v) {
+func listParams(q query) (node.ListOptions, error) {
+	opts := node.ListOptions{Prefix: q["prefix"], After: q["after"], Limit: defaultListLimit}
+	for _, name := range []string{"prefix", "after"} {
+		if v := q[name]; len(v) > MaxKeyBytes || !utf8.ValidString(v) {
 			return opts, fmt.Errorf("%w: %s must be valid UTF-8 of at most %d bytes", errInvalidParameter, name, MaxKeyBytes)
 		}
 	}
-	if s := q.Get("limit"); s != "" {
+	if s := q["limit"]; s != "" {
 		n, convErr := strconv.Atoi(s)
 		if convErr != nil || n < 1 || n > maxListLimit {
 			return opts, fmt.Errorf("%w: limit must be an integer from 1 to %d, got %q", errInvalidParameter, maxListLimit, s)
@@ -171,50 +247,73 @@ const (
 	maxListLimit     = 1000
 )
 
-// validateRequestID accepts X-Request-Id values of printable ASCII up to the
-// storage limit.
+// requestID reads X-Request-Id: at most one header line, of at most the
+// storage limit in bytes of printable ASCII without spaces (0x21-0x7e), as
+// the README says. Several lines are refused rather than one winning: the
+// id decides whether a retry is applied again.
+func requestID(r *http.Request) (string, error) {
+	ids := r.Header.Values(HeaderRequestID)
+	switch len(ids) {
+	case 0:
+		return "", nil
+	case 1:
+		return ids[0], validateRequestID(ids[0])
+	default:
+		return "", fmt.Errorf("%w: %d %s headers; send one", errInvalidRequestID, len(ids), HeaderRequestID)
+	}
+}
+
 func validateRequestID(id string) error {
 	if len(id) > storage.MaxRequestIDBytes {
 		return fmt.Errorf("%w: %s is %d bytes, the limit is %d", errInvalidRequestID, HeaderRequestID, len(id), storage.MaxRequestIDBytes)
 	}
 	for i := 0; i < len(id); i++ {
 		if id[i] < 0x21 || id[i] > 0x7e {
-			return fmt.Errorf("%w: %s must be printable ASCII without spaces", errInvalidRequestID, HeaderRequestID)
+			return fmt.Errorf("%w: %s has byte 0x%02x at %d; it must be printable ASCII without spaces (0x21-0x7e)", errInvalidRequestID, HeaderRequestID, id[i], i)
 		}
 	}
 	return nil
 }
 
 // parseWrite parses what a PUT (but its body) or a DELETE says besides the
-// value: key, preconditions, request id and ack level. Everything is
+// value: key, query, preconditions, request id and ack level. Everything is
 // checked here, so a follower refuses bad input before forwarding.
-func (s *Server) parseWrite(r *http.Request, del bool) (node.Write, error) {
-	key, err := keyFromPath(r)
+func (s *Server) parseWrite(r *http.Request, del bool) (node.Write, precondition, node.Origin, error) {
+	var (
+		w   = node.Write{Delete: del}
+		pre precondition
+		o   node.Origin
+		err error
+	)
+	if w.Key, err = keyFromPath(r); err != nil {
+		return w, pre, o, err
+	}
+	q, err := parseQuery(r, "ack", "redirect")
 	if err != nil {
-		return node.Write{}, err
+		return w, pre, o, err
 	}
-	w := node.Write{Key: key, Delete: del, RequestID: r.Header.Get(HeaderRequestID)}
-	if err := conditions(r, &w); err != nil {
-		return w, err
+	if pre, err = parsePreconditions(r.Header); err != nil {
+		return w, pre, o, err
 	}
-	if del && w.IfAbsent {
-		return w, fmt.Errorf("%w: If-None-Match: * cannot apply to DELETE", errInvalidPrecondition)
+	if del && pre.ifAbsent {
+		return w, pre, o, fmt.Errorf("%w: If-None-Match: * cannot apply to DELETE", errInvalidPrecondition)
 	}
 	// A client's own id makes its retries idempotent. A request without one
 	// gets an id only if it is forwarded, where the node's retries need it;
 	// one served here directly has nobody to retry it, so it costs no id
 	// record.
-	if err := validateRequestID(w.RequestID); err != nil {
-		return w, err
+	if w.RequestID, err = requestID(r); err != nil {
+		return w, pre, o, err
 	}
-	if w.Ack, err = parseAck(r); err != nil {
-		return w, err
+	if w.Ack, err = parseAck(q); err != nil {
+		return w, pre, o, err
 	}
-	return w, nil
+	o, err = origin(r, q)
+	return w, pre, o, err
 }
 
-func parseAck(r *http.Request) (replication.AckLevel, error) {
-	ack, err := replication.ParseAck(r.URL.Query().Get("ack"))
+func parseAck(q query) (replication.AckLevel, error) {
+	ack, err := replication.ParseAck(q["ack"])
 	if err != nil {
 		return ack, fmt.Errorf("%w: %w", errInvalidParameter, err)
 	}
@@ -222,17 +321,16 @@ func parseAck(r *http.Request) (replication.AckLevel, error) {
 }
 
 // parseReadOptions reads a GET's consistency=… and max_stale=….
-func parseReadOptions(r *http.Request) (node.ReadOptions, error) {
-	q := r.URL.Query()
+func parseReadOptions(q query) (node.ReadOptions, error) {
 	var o node.ReadOptions
-	switch c := q.Get("consistency"); c {
+	switch c := q["consistency"]; c {
 	case "", "strong":
 	case "stale":
 		o.Stale = true
 	default:
 		return o, fmt.Errorf("%w: consistency=%q: use strong (the default) or stale", errInvalidParameter, c)
 	}
-	if s := q.Get("max_stale"); s != "" {
+	if s := q["max_stale"]; s != "" {
 		d, err := time.ParseDuration(s)
 		if err != nil || d <= 0 {
 			return o, fmt.Errorf("%w: max_stale=%q: use a positive duration such as 2s or 500ms", errInvalidParameter, s)
@@ -248,11 +346,16 @@ func parseReadOptions(r *http.Request) (node.ReadOptions, error) {
 // origin reads where a request came from: ?redirect=true, and the peer
 // headers a node of an older version forwards with (peerAuth has checked
 // their token).
-func origin(r *http.Request) node.Origin {
+func origin(r *http.Request, q query) (node.Origin, error) {
 	o := node.Origin{ForwardedBy: r.Header.Get(HeaderForwarded)}
-	o.Redirect, _ = strconv.ParseBool(r.URL.Query().Get("redirect"))
+	if s := q["redirect"]; s != "" {
+		var err error
+		if o.Redirect, err = strconv.ParseBool(s); err != nil {
+			return o, fmt.Errorf("%w: redirect=%q: use true or false", errInvalidParameter, s)
+		}
+	}
 	if seen, err := strconv.ParseUint(r.Header.Get(HeaderSeenEpoch), 10, 64); err == nil {
 		o.SeenEpoch = seen
 	}
-	return o
+	return o, nil
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/statefulkv/store/internal/node"
 	"github.com/statefulkv/store/internal/peerhttp"
 	"github.com/statefulkv/store/internal/replication"
+	"github.com/statefulkv/store/internal/storage"
 	"github.com/statefulkv/store/internal/transport"
 )
 
@@ -132,7 +133,11 @@ func New(cfg Config) (*Server, error) {
 		log:     cfg.Logger.With("component", "api"),
 		metrics: newHTTPMetrics(cfg.Registerer),
 	}
-	s.handler = s.routes()
+	routes := s.routes()
+	if err := s.metrics.setRoutes(routes); err != nil {
+		return nil, fmt.Errorf("api: list routes: %w", err)
+	}
+	s.handler = routes
 	if cfg.Node.Clustered() {
 		s.streams = &peerhttp.Server{Handler: s.handler}
 	}
@@ -157,7 +162,7 @@ func (s *Server) SetReady(ready bool) { s.ready.Store(ready) }
 // ServeHTTP makes Server an http.Handler.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.handler.ServeHTTP(w, r) }
 
-func (s *Server) routes() http.Handler {
+func (s *Server) routes() chi.Router {
 	r := chi.NewRouter()
 	r.Use(s.instrument)
 	if s.cfg.Node.Clustered() {
@@ -172,10 +177,17 @@ func (s *Server) routes() http.Handler {
 		s.writeError(w, req, fmt.Errorf("%w: %s on %s (allowed: %s)", errMethodNotAllowed, req.Method, req.URL.Path, strings.Join(allowed, ", ")))
 	})
 
-	r.Get("/healthz", s.healthz)
-	r.Get("/readyz", s.readyz)
-	r.Method(http.MethodGet, "/metrics", promhttp.HandlerFor(s.cfg.Gatherer, promhttp.HandlerOpts{}))
-	r.Get("/v1/status", s.status)
+	// HEAD is served wherever GET is, by the same handler, so its status
+	// and headers are GET's (a key's HEAD goes through the node exactly
+	// like its GET); net/http drops the body of a HEAD response.
+	get := func(pattern string, h http.Handler) {
+		r.Method(http.MethodGet, pattern, h)
+		r.Method(http.MethodHead, pattern, h)
+	}
+	get("/healthz", http.HandlerFunc(s.healthz))
+	get("/readyz", http.HandlerFunc(s.readyz))
+	get("/metrics", promhttp.HandlerFor(s.cfg.Gatherer, promhttp.HandlerOpts{}))
+	get("/v1/status", http.HandlerFunc(s.status))
 
 	if s.cfg.Node.Clustered() {
 		r.Get(PeerStreamPath, s.peerStream)
@@ -193,8 +205,8 @@ func (s *Server) routes() http.Handler {
 		}
 	}
 
-	r.Get("/v1/kv", s.list)
-	r.Get("/v1/kv/*", s.get)
+	get("/v1/kv", http.HandlerFunc(s.list))
+	get("/v1/kv/*", http.HandlerFunc(s.get))
 	r.Put("/v1/kv/*", s.put)
 	r.Delete("/v1/kv/*", s.delete)
 	return r
@@ -203,7 +215,7 @@ func (s *Server) routes() http.Handler {
 // allowedMethods lists the methods routed for path, for the Allow header.
 func allowedMethods(routes chi.Routes, path string) []string {
 	var out []string
-	for _, m := range []string{http.MethodGet, http.MethodPut, http.MethodDelete} {
+	for _, m := range []string{http.MethodGet, http.MethodHead, http.MethodPut, http.MethodDelete} {
 		if routes.Match(chi.NewRouteContext(), m, path) {
 			out = append(out, m)
 		}
@@ -239,7 +251,11 @@ type statusBody struct {
 	Replication *replication.Status `json:"replication,omitempty"`
 }
 
-func (s *Server) status(w http.ResponseWriter, _ *http.Request) {
+func (s *Server) status(w http.ResponseWriter, r *http.Request) {
+	if _, err := parseQuery(r); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
 	role, leader, epoch := s.cfg.Node.Role()
 	body := statusBody{
 		Node:      s.cfg.NodeID,
@@ -264,12 +280,22 @@ func (s *Server) get(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	opts, err := parseReadOptions(r)
+	q, err := parseQuery(r, "consistency", "max_stale", "redirect")
 	if err != nil {
 		s.writeError(w, r, err)
 		return
 	}
-	res, err := s.cfg.Node.Get(r.Context(), key, opts, origin(r))
+	opts, err := parseReadOptions(q)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	o, err := origin(r, q)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	res, err := s.cfg.Node.Get(r.Context(), key, opts, o)
 	h := w.Header()
 	if res.ServedBy != "" {
 		h.Set(HeaderServedBy, res.ServedBy)
@@ -285,6 +311,7 @@ func (s *Server) get(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	h.Set("Content-Type", "application/json")
+	h.Set("Content-Length", strconv.Itoa(len(res.Entry.Value)))
 	h.Set("ETag", etag(res.Entry.Version))
 	w.WriteHeader(http.StatusOK)
 	_, _ = w.Write(res.Entry.Value)
@@ -299,7 +326,7 @@ type writeBody struct {
 }
 
 func (s *Server) put(w http.ResponseWriter, r *http.Request) {
-	wr, err := s.parseWrite(r, false)
+	wr, pre, o, err := s.parseWrite(r, false)
 	if err == nil {
 		wr.Value, err = readValue(w, r, s.cfg.MaxValueBytes)
 	}
@@ -307,7 +334,7 @@ func (s *Server) put(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	res, err := s.cfg.Node.Write(r.Context(), wr, origin(r))
+	res, err := s.write(r.Context(), wr, pre, o)
 	if err != nil {
 		s.writeError(w, r, err)
 		return
@@ -322,18 +349,55 @@ func (s *Server) put(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) delete(w http.ResponseWriter, r *http.Request) {
-	wr, err := s.parseWrite(r, true)
+	wr, pre, o, err := s.parseWrite(r, true)
 	if err != nil {
 		s.writeError(w, r, err)
 		return
 	}
-	res, err := s.cfg.Node.Write(r.Context(), wr, origin(r))
+	res, err := s.write(r.Context(), wr, pre, o)
 	if err != nil {
 		s.writeError(w, r, err)
 		return
 	}
 	s.writeHeaders(w, res)
 	writeJSON(w, http.StatusOK, writeBody{Key: wr.Key, Version: res.Version.String(), Deleted: true})
+}
+
+// write applies wr under pre. The store compares one version atomically
+// (storage.Mutation.IfMatch), and If-Match may list several: the write must
+// apply if the key is at any of them (RFC 9110 §13.1.1). So it tries the
+// newest listed version, and when that compare-and-set fails because the
+// key is at another listed version (the refusal reports the version it
+// compared against, in the same atomic step), tries that one. A success
+// therefore happened while the key was at a listed version, and the 412
+// that ends the loop reports a current version the list does not hold:
+// each attempt is one atomic compare-and-set, and together they answer as
+// one any-of comparison would. A key's version only grows, so each listed
+// version is tried at most once. A failed attempt changes nothing and
+// records no request id, so the next one may carry the same id.
+func (s *Server) write(ctx context.Context, wr node.Write, pre precondition, o node.Origin) (node.WriteResult, error) {
+	wr.IfExists, wr.IfAbsent = pre.ifExists, pre.ifAbsent
+	if !pre.tagged {
+		return s.cfg.Node.Write(ctx, wr, o)
+	}
+	if len(pre.versions) == 0 {
+		return node.WriteResult{}, fmt.Errorf("%w: If-Match lists only %s, and no such tag can match: this server issues strong ETags such as \"1.42\" (a weak W/ tag never matches a compare-and-set)",
+			storage.ErrConditionFailed, strings.Join(pre.unmatchable, ", "))
+	}
+	tried := make(map[storage.Version]bool, len(pre.versions))
+	wr.IfMatch = pre.versions[0]
+	for {
+		tried[wr.IfMatch] = true
+		res, err := s.cfg.Node.Write(ctx, wr, o)
+		if _, code := classify(err); err == nil || code != "condition_failed" {
+			return res, err
+		}
+		cur := currentVersion(err)
+		if cur.IsZero() || tried[cur] || !slices.Contains(pre.versions, cur) {
+			return res, err
+		}
+		wr.IfMatch = cur
+	}
 }
 
 // writeHeaders names the leader that applied a write (cluster mode).
@@ -359,12 +423,22 @@ type listItem struct {
 }
 
 func (s *Server) list(w http.ResponseWriter, r *http.Request) {
-	opts, err := listParams(r)
+	q, err := parseQuery(r, "prefix", "after", "limit", "redirect")
 	if err != nil {
 		s.writeError(w, r, err)
 		return
 	}
-	res, err := s.cfg.Node.List(r.Context(), opts, origin(r))
+	opts, err := listParams(q)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	o, err := origin(r, q)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	res, err := s.cfg.Node.List(r.Context(), opts, o)
 	if err != nil {
 		s.writeError(w, r, err)
 		return

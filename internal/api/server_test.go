@@ -5,6 +5,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -32,6 +33,8 @@ type nodeOpts struct {
 	wrap func(http.Handler) http.Handler
 	// store, if set, wraps the bbolt file the node writes to.
 	store func(*storage.DB) node.Store
+	// server, if set, configures the http.Server before it starts.
+	server func(*http.Server)
 }
 
 // startNode serves a Server and its node, configured by o, on a fresh
@@ -67,7 +70,11 @@ func startNode(t testing.TB, o nodeOpts) *testNode {
 	if o.wrap != nil {
 		h = o.wrap(srv)
 	}
-	hs := httptest.NewServer(h)
+	hs := httptest.NewUnstartedServer(h)
+	if o.server != nil {
+		o.server(hs.Config)
+	}
+	hs.Start()
 	t.Cleanup(hs.Close)
 	return &testNode{t: t, db: db, nd: nd, srv: srv, url: hs.URL}
 }
@@ -93,8 +100,9 @@ func (n *testNode) do(method, path string, body string, headers ...string) respo
 	if err != nil {
 		n.t.Fatal(err)
 	}
+	// Add, not Set: a name given twice is sent as two header lines.
 	for i := 0; i+1 < len(headers); i += 2 {
-		req.Header.Set(headers[i], headers[i+1])
+		req.Header.Add(headers[i], headers[i+1])
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
@@ -265,8 +273,9 @@ func TestServer_Errors_RejectAndChangeNothing(t *testing.T) {
 		{"stale If-Match", "PUT", "/v1/kv/existing", `1`, []string{"If-Match", `"1.99"`}, 412, "condition_failed"},
 		{"If-None-Match on existing", "PUT", "/v1/kv/existing", `1`, []string{"If-None-Match", "*"}, 412, "condition_failed"},
 		{"If-Match on missing key", "PUT", "/v1/kv/missing", `1`, []string{"If-Match", `"1.1"`}, 412, "condition_failed"},
-		{"malformed If-Match", "PUT", "/v1/kv/existing", `1`, []string{"If-Match", `"v7"`}, 400, "invalid_precondition"},
-		{"weak If-Match", "PUT", "/v1/kv/existing", `1`, []string{"If-Match", `W/"1.1"`}, 400, "invalid_precondition"},
+		{"malformed If-Match", "PUT", "/v1/kv/existing", `1`, []string{"If-Match", `"v7`}, 400, "invalid_precondition"},
+		{"If-Match with a tag never issued", "PUT", "/v1/kv/existing", `1`, []string{"If-Match", `"v7"`}, 412, "condition_failed"},
+		{"weak If-Match", "PUT", "/v1/kv/existing", `1`, []string{"If-Match", `W/"1.1"`}, 412, "condition_failed"},
 		{"both conditions", "PUT", "/v1/kv/existing", `1`, []string{"If-Match", `"1.1"`, "If-None-Match", "*"}, 400, "invalid_precondition"},
 		{"If-None-Match with a version", "PUT", "/v1/kv/existing", `1`, []string{"If-None-Match", `"1.1"`}, 400, "invalid_precondition"},
 		{"If-None-Match on DELETE", "DELETE", "/v1/kv/existing", ``, []string{"If-None-Match", "*"}, 400, "invalid_precondition"},
@@ -318,7 +327,7 @@ func TestServer_Errors_DetailsForTheClient(t *testing.T) {
 		t.Fatalf("415 does not name the header to send: %s", r.body)
 	}
 	r = n.do("POST", "/v1/kv/k", `1`)
-	if got := r.header.Get("Allow"); got != "GET, PUT, DELETE" {
+	if got := r.header.Get("Allow"); got != "GET, HEAD, PUT, DELETE" {
 		t.Fatalf("405 Allow = %q", got)
 	}
 }
@@ -453,6 +462,47 @@ func TestServer_AckAndConsistencyParameters(t *testing.T) {
 	for _, q := range []string{"consistency=strong", "consistency=stale", "consistency=stale&max_stale=1s"} {
 		if r := n.do("GET", "/v1/kv/p?"+q, ""); r.status != 200 || r.body != "1" {
 			t.Fatalf("GET ?%s on a single node: %d %s", q, r.status, r.body)
+		}
+	}
+}
+
+// Item 5: HEAD is served wherever GET is, with GET's status and headers
+// (Content-Length included) and no body, errors too.
+func TestServer_Head_LikeGetWithoutBody(t *testing.T) {
+	n := newTestNode(t, 0)
+	n.do("PUT", "/v1/kv/k", `{"v":"head"}`)
+	for _, path := range []string{
+		"/v1/kv/k", "/v1/kv/k?consistency=stale", "/v1/kv/missing", "/v1/kv/k?ack=all",
+		"/v1/kv", "/v1/kv?prefix=k&limit=1", "/v1/kv?limit=0",
+		"/v1/status", "/healthz", "/readyz", "/metrics",
+	} {
+		get := n.do("GET", path, "")
+		head := n.do("HEAD", path, "")
+		if head.body != "" {
+			t.Errorf("HEAD %s has a body: %q", path, head.body)
+		}
+		if head.status != get.status {
+			t.Errorf("HEAD %s = %d, GET = %d", path, head.status, get.status)
+		}
+		names := []string{"Content-Type", "Content-Length", "ETag", "Retry-After", HeaderConsistency}
+		if path == "/metrics" {
+			names = names[:1] // its body changes with every request
+		} else if got := head.header.Get("Content-Length"); got != strconv.Itoa(len(get.body)) {
+			t.Errorf("HEAD %s Content-Length = %q, the GET body is %d bytes", path, got, len(get.body))
+		}
+		for _, h := range names {
+			if head.header.Get(h) != get.header.Get(h) {
+				t.Errorf("HEAD %s %s = %q, GET's = %q", path, h, head.header.Get(h), get.header.Get(h))
+			}
+		}
+	}
+	n.srv.SetReady(false)
+	if r := n.do("HEAD", "/readyz", ""); r.status != 503 || r.header.Get("Retry-After") == "" || r.body != "" {
+		t.Fatalf("HEAD /readyz while not ready = %d %v %q", r.status, r.header, r.body)
+	}
+	for path, allow := range map[string]string{"/v1/kv": "GET, HEAD", "/v1/kv/k": "GET, HEAD, PUT, DELETE", "/healthz": "GET, HEAD"} {
+		if r := n.do("POST", path, "1"); r.status != 405 || r.header.Get("Allow") != allow {
+			t.Errorf("POST %s = %d, Allow %q; want 405, Allow %q", path, r.status, r.header.Get("Allow"), allow)
 		}
 	}
 }
