@@ -47,6 +47,8 @@ type config struct {
 	// debugListen serves net/http/pprof when set (off by default: it is
 	// an operator's tool, never on the client port).
 	debugListen string
+	// replicationQueueBytes caps what waits in memory for one follower.
+	replicationQueueBytes int64
 	// peerCarrier is how calls to other nodes travel: "stream" (one
 	// multiplexed connection per peer, internal/peerhttp) or "h2c"
 	// (unencrypted HTTP/2 from net/http), kept to measure one against the
@@ -74,28 +76,29 @@ var errUsage = errors.New("invalid configuration")
 
 // envFor maps each flag to its environment fallback.
 var envFor = map[string]string{
-	"listen":                "STORE_LISTEN",
-	"data-dir":              "STORE_DATA_DIR",
-	"max-value-bytes":       "STORE_MAX_VALUE_BYTES",
-	"node-id":               "POD_NAME",
-	"log-level":             "STORE_LOG_LEVEL",
-	"log-format":            "STORE_LOG_FORMAT",
-	"shutdown-timeout":      "STORE_SHUTDOWN_TIMEOUT",
-	"kubeconfig":            "KUBECONFIG",
-	"namespace":             "POD_NAMESPACE",
-	"lease-name":            "STORE_LEASE_NAME",
-	"lease-duration":        "STORE_LEASE_DURATION",
-	"renew-deadline":        "STORE_RENEW_DEADLINE",
-	"retry-period":          "STORE_RETRY_PERIOD",
-	"peer-address-template": "STORE_PEER_ADDRESS_TEMPLATE",
-	"peer-token-file":       "STORE_PEER_TOKEN_FILE",
-	"members":               "STORE_MEMBERS",
-	"statefulset":           "STORE_STATEFULSET",
-	"debug-listen":          "STORE_DEBUG_LISTEN",
-	"peer-carrier":          "STORE_PEER_CARRIER",
-	"shutdown-delay":        "STORE_SHUTDOWN_DELAY",
-	"replication-factor":    "STORE_REPLICATION_FACTOR",
-	"replication-timeout":   "STORE_REPLICATION_TIMEOUT",
+	"listen":                  "STORE_LISTEN",
+	"data-dir":                "STORE_DATA_DIR",
+	"max-value-bytes":         "STORE_MAX_VALUE_BYTES",
+	"node-id":                 "POD_NAME",
+	"log-level":               "STORE_LOG_LEVEL",
+	"log-format":              "STORE_LOG_FORMAT",
+	"shutdown-timeout":        "STORE_SHUTDOWN_TIMEOUT",
+	"kubeconfig":              "KUBECONFIG",
+	"namespace":               "POD_NAMESPACE",
+	"lease-name":              "STORE_LEASE_NAME",
+	"lease-duration":          "STORE_LEASE_DURATION",
+	"renew-deadline":          "STORE_RENEW_DEADLINE",
+	"retry-period":            "STORE_RETRY_PERIOD",
+	"peer-address-template":   "STORE_PEER_ADDRESS_TEMPLATE",
+	"peer-token-file":         "STORE_PEER_TOKEN_FILE",
+	"members":                 "STORE_MEMBERS",
+	"statefulset":             "STORE_STATEFULSET",
+	"debug-listen":            "STORE_DEBUG_LISTEN",
+	"peer-carrier":            "STORE_PEER_CARRIER",
+	"replication-queue-bytes": "STORE_REPLICATION_QUEUE_BYTES",
+	"shutdown-delay":          "STORE_SHUTDOWN_DELAY",
+	"replication-factor":      "STORE_REPLICATION_FACTOR",
+	"replication-timeout":     "STORE_REPLICATION_TIMEOUT",
 }
 
 // parseConfig reads flags from args and fallbacks from getenv, applies
@@ -124,6 +127,7 @@ func parseConfig(args []string, getenv func(string) string, hostname string, std
 	fs.DurationVar(&c.renewDeadline, "renew-deadline", 10*time.Second, "how long a leader may fail to renew before it stops accepting writes (env STORE_RENEW_DEADLINE)")
 	fs.DurationVar(&c.retryPeriod, "retry-period", 2*time.Second, "interval between Lease attempts (env STORE_RETRY_PERIOD)")
 	var tokenFile, members string
+	fs.Int64Var(&c.replicationQueueBytes, "replication-queue-bytes", 32<<20, "bytes of entries the leader keeps in memory for one follower that lags; past it the follower is repaired from disk (env STORE_REPLICATION_QUEUE_BYTES)")
 	fs.StringVar(&c.peerCarrier, "peer-carrier", "stream", "how calls to other nodes travel: stream (one multiplexed connection per peer) or h2c (unencrypted HTTP/2); every node accepts both (env STORE_PEER_CARRIER)")
 	fs.StringVar(&c.debugListen, "debug-listen", "", "serve Go profiling (/debug/pprof/) on this `host:port`; off when empty (env STORE_DEBUG_LISTEN)")
 	fs.StringVar(&members, "members", "", "fixed member set: comma-separated identities of all nodes, e.g. store-1,store-2,store-3; for clusters outside a StatefulSet (env STORE_MEMBERS)")
@@ -174,6 +178,9 @@ func parseConfig(args []string, getenv func(string) string, hostname string, std
 	}
 	if c.shutdownTimeout, err = time.ParseDuration(shutdown); err != nil || c.shutdownTimeout <= 0 {
 		return config{}, bad("shutdown-timeout", "%q is not a positive duration such as 20s", shutdown)
+	}
+	if c.replicationQueueBytes < 1<<20 || c.replicationQueueBytes > 4<<30 {
+		return config{}, bad("replication-queue-bytes", "%d must be from 1 MiB (1048576) to 4 GiB", c.replicationQueueBytes)
 	}
 	if c.peerCarrier != "stream" && c.peerCarrier != "h2c" {
 		return config{}, bad("peer-carrier", "%q is not stream or h2c", c.peerCarrier)

@@ -55,6 +55,12 @@ func TestParseConfig(t *testing.T) {
 		{"shutdown delay from env", nil, map[string]string{"STORE_SHUTDOWN_DELAY": "3s"},
 			func(c config) bool { return c.shutdownDelay == 3*time.Second }, ""},
 		{"missing peer token file", []string{"--peer-token-file", "/nonexistent/token"}, nil, nil, "--peer-token-file"},
+		{"queue bytes and carrier defaults", nil, nil,
+			func(c config) bool { return c.replicationQueueBytes == 32<<20 && c.peerCarrier == "stream" }, ""},
+		{"queue bytes from env, h2c", []string{"--peer-carrier", "h2c"}, map[string]string{"STORE_REPLICATION_QUEUE_BYTES": "8388608"},
+			func(c config) bool { return c.replicationQueueBytes == 8<<20 && c.peerCarrier == "h2c" }, ""},
+		{"queue bytes too small", []string{"--replication-queue-bytes", "1000"}, nil, nil, "--replication-queue-bytes"},
+		{"unknown carrier", []string{"--peer-carrier", "grpc"}, nil, nil, "--peer-carrier"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -249,6 +249,7 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 			Local:             db,
 			Leadership:        elector,
 			Peers:             peers,
+			QueueBytes:        cfg.replicationQueueBytes,
 			Logger:            log,
 			Registerer:        reg,
 		})

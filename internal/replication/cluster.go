@@ -122,6 +122,9 @@ type ClusterConfig struct {
 	// QueueLen caps the entries waiting for one follower; past it the
 	// follower misses entries and is told to repair. Default 65536.
 	QueueLen int
+	// QueueBytes caps the bytes waiting for one follower, likewise.
+	// Default DefaultQueueBytes.
+	QueueBytes int64
 	// MaxBatchBytes caps one replication batch. Default
 	// DefaultMaxBatchBytes.
 	MaxBatchBytes int
@@ -209,6 +212,7 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 		},
 		Active:        c.leads,
 		QueueLen:      cfg.QueueLen,
+		QueueBytes:    cfg.QueueBytes,
 		MaxBatchBytes: cfg.MaxBatchBytes,
 		Logger:        cfg.Logger,
 	})

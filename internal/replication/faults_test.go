@@ -3,6 +3,8 @@ package replication
 import (
 	"context"
 	"fmt"
+	"slices"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"testing/synctest"
@@ -169,6 +171,54 @@ func TestFaults_BatchArrivesAfterANewerVersion_FollowerEndsAtNewest(t *testing.T
 		}
 		if q := leader.c.repl.Queued()[follower.id]; q != 0 {
 			t.Fatalf("%d entries still queued for the follower", q)
+		}
+	})
+}
+
+// A follower that is down while large values are written: its queue at the
+// leader stops at the byte bound (the leader's memory does not grow with
+// what the follower misses), the follower is marked behind, and once back
+// it gets every value from the leader's disk by repair, byte for byte.
+func TestFaults_FollowerDown_QueueBoundedByBytes_RepairServesTheRest(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const bound = 4 << 20
+		nodes := newTestClusterWith(t, 2, 2, func(c *ClusterConfig) {
+			c.QueueBytes = bound
+			c.AntiEntropyInterval = time.Hour
+		})
+		leader, follower := nodes[0], nodes[1]
+		awaitGate(t, leader)
+		follower.down.Store(true)
+		value := `"` + strings.Repeat("<&>", (1<<20)/3) + `"` // about 1 MiB, all of it escapable
+		var peak int64
+		for i := range 20 {
+			put(t, leader, AckLeader, fmt.Sprintf("big%d", i), value)
+			peak = max(peak, leader.c.repl.QueuedBytes()[follower.id])
+		}
+		if peak > bound+int64(len(value))+64 {
+			t.Fatalf("%d bytes queued for a follower that is down, bound %d", peak, bound)
+		}
+		if !slices.Contains(leader.c.repl.Behind(), follower.id) {
+			t.Fatal("the follower missed entries but is not marked behind")
+		}
+		follower.down.Store(false)
+		deadline := time.Now().Add(30 * time.Second)
+		for i := range 20 {
+			key := fmt.Sprintf("big%d", i)
+			want, _, _ := leader.db.Lookup(key)
+			for {
+				got, found, _ := follower.db.Lookup(key)
+				if found && got.Version == want.Version {
+					if string(got.Value) != value {
+						t.Fatalf("%s differs at the follower", key)
+					}
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("follower never got %s back", key)
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
 		}
 	})
 }

@@ -44,9 +44,20 @@ type replicatorConfig struct {
 	// QueueLen caps entries waiting for one follower; past it the follower
 	// is marked behind and must be repaired. Default 65536.
 	QueueLen int
+	// QueueBytes caps the bytes of the entries waiting for one follower
+	// (an entry is always admitted to an empty queue); past it, as past
+	// QueueLen, the follower is served by repair from the leader's disk
+	// instead of from memory. Default DefaultQueueBytes.
+	QueueBytes int64
 	// Logger. Default slog.Default().
 	Logger *slog.Logger
 }
+
+// DefaultQueueBytes is the default replicatorConfig.QueueBytes: with the
+// default batch size it holds several batches, so a follower that pauses
+// for a moment catches up from memory, while a leader's queues stay a small
+// part of a 512 MiB pod.
+const DefaultQueueBytes = 32 << 20
 
 // DefaultMaxBatchBytes is the default replicatorConfig.MaxBatchBytes. A
 // follower must accept a call of this size plus one value of the largest
@@ -83,6 +94,9 @@ func newReplicator(cfg replicatorConfig) (*replicator, error) {
 	}
 	if cfg.QueueLen <= 0 {
 		cfg.QueueLen = 1 << 16
+	}
+	if cfg.QueueBytes <= 0 {
+		cfg.QueueBytes = DefaultQueueBytes
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -250,6 +264,17 @@ func (r *replicator) Queued() map[string]int {
 	return out
 }
 
+// QueuedBytes returns the bytes waiting for each follower.
+func (r *replicator) QueuedBytes() map[string]int64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make(map[string]int64, len(r.peers))
+	for id, p := range r.peers {
+		out[id] = p.queued.Load()
+	}
+	return out
+}
+
 // Behind lists followers whose queue overflowed: they missed entries, which
 // only their own repair brings back. Each stays listed until a heartbeat
 // asking it to repair has been answered.
@@ -271,6 +296,7 @@ type peer struct {
 	id     string
 	r      *replicator
 	queue  chan *pending
+	queued atomic.Int64 // bytes of the entries in queue
 	behind atomic.Bool
 	start  sync.Once // starts the sender on the first entry
 
@@ -305,16 +331,33 @@ func (p *peer) enqueue(e *pending) bool {
 			go p.run()
 		}
 	})
+	size := int64(e.entry.Size())
+	if n := p.queued.Add(size); n > p.r.cfg.QueueBytes && n != size {
+		p.queued.Add(-size)
+		p.full("bytes")
+		return false
+	}
 	select {
 	case p.queue <- e:
 		return true
 	default:
-		if !p.behind.Swap(true) {
-			p.r.log.Warn("follower queue full; it will need repair", "follower", p.id)
-		}
+		p.queued.Add(-size)
+		p.full("entries")
 		return false
 	}
 }
+
+// full marks the follower behind: it missed an entry, which only its
+// repair brings back.
+func (p *peer) full(by string) {
+	if !p.behind.Swap(true) {
+		p.r.log.Warn("follower queue full; it will need repair", "follower", p.id, "bound", by,
+			"queued_bytes", p.queued.Load(), "queued_entries", len(p.queue))
+	}
+}
+
+// dequeued accounts for an entry the sender took from the queue.
+func (p *peer) dequeued(e *pending) { p.queued.Add(-int64(e.entry.Size())) }
 
 // note records a call's outcome for the follower's liveness: any answer
 // counts as alive, except a failure of the follower's own (see answered).
@@ -415,6 +458,7 @@ func (p *peer) run() {
 		} else {
 			select {
 			case e := <-p.queue:
+				p.dequeued(e)
 				batch = append(batch, e)
 			case <-p.r.ctx.Done():
 				p.drain()
@@ -426,6 +470,7 @@ func (p *peer) run() {
 		for len(batch) < p.r.cfg.MaxBatch {
 			select {
 			case e := <-p.queue:
+				p.dequeued(e)
 				if e.epoch != batch[0].epoch || size+e.entry.Size() > p.r.cfg.MaxBatchBytes {
 					carry = e
 					break fill
@@ -446,6 +491,7 @@ func (p *peer) drain() {
 	for {
 		select {
 		case e := <-p.queue:
+			p.dequeued(e)
 			e.end(errReplicatorClosed)
 		default:
 			return

@@ -31,8 +31,10 @@ type MemberStatus struct {
 	Live bool `json:"live"`
 	// Partitions is how many partitions the member owns.
 	Partitions int `json:"partitions"`
-	// Queued is the leader's count of entries waiting for the member.
-	Queued int `json:"queued"`
+	// Queued is the leader's count of entries waiting for the member, and
+	// QueuedBytes their size.
+	Queued      int   `json:"queued"`
+	QueuedBytes int64 `json:"queued_bytes"`
 }
 
 // Status reports members, liveness, placement and lag.
@@ -49,9 +51,9 @@ func (c *Cluster) Status() Status {
 		st.LastRepair = &lr
 	}
 	parts := c.partitionsPerMember()
-	queued := c.repl.Queued()
+	queued, queuedBytes := c.repl.Queued(), c.repl.QueuedBytes()
 	for _, id := range c.members() {
-		st.Members = append(st.Members, MemberStatus{ID: id, Live: id == c.cfg.Self || !c.down(id), Partitions: parts[id], Queued: queued[id]})
+		st.Members = append(st.Members, MemberStatus{ID: id, Live: id == c.cfg.Self || !c.down(id), Partitions: parts[id], Queued: queued[id], QueuedBytes: queuedBytes[id]})
 	}
 	slices.Sort(st.Behind)
 	return st
