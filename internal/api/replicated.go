@@ -28,6 +28,9 @@ type Replication interface {
 	ReadStale(key string) (storage.Entry, bool, time.Duration, error)
 	// Status is replication's part of /v1/status.
 	Status() replication.Status
+	// LastContact is the time since this node last heard from a leader;
+	// zero while it leads with its write gate open. /readyz uses it.
+	LastContact() time.Duration
 	// Handler serves the peer endpoints (behind the cluster token).
 	Handler() http.Handler
 }

@@ -238,12 +238,48 @@ func (s *Server) healthz(w http.ResponseWriter, _ *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 }
 
+// readyContact is how long a follower may go without a message from the
+// leader and still call itself ready: four 500 ms heartbeats, so a lost
+// heartbeat or a pause is not an outage, and a cut-off pod is one.
+const readyContact = 2 * time.Second
+
 func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
 	if !s.ready.Load() {
 		s.writeError(w, r, fmt.Errorf("%w: node is starting or shutting down", errNotReady))
 		return
 	}
+	if err := s.reachable(); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
 	writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
+}
+
+// reachable is nil when this node can serve what clients send it: it leads
+// with its write gate open, or it heard from a leader within readyContact.
+// A node that can do neither would hold every write until the forward
+// deadline and fail strong reads, so it leaves the Service instead; it keeps
+// answering stale reads to whoever still asks it. Without replication there
+// are no heartbeats to judge by, and the node stays ready as before.
+func (s *Server) reachable() error {
+	if s.cfg.Leadership == nil || s.cfg.Replication == nil {
+		return nil
+	}
+	if _, open := s.cfg.Leadership.WriteGate(); open {
+		return nil
+	}
+	since := s.cfg.Replication.LastContact()
+	if since <= readyContact {
+		return nil
+	}
+	leader, _ := s.cfg.Leadership.Leader()
+	if leader == "" {
+		leader = "none known"
+	}
+	if since > 365*24*time.Hour {
+		return fmt.Errorf("%w: no message from a leader yet (leader: %s)", errNotReady, leader)
+	}
+	return fmt.Errorf("%w: no message from the leader (%s) for %s; cut off from it?", errNotReady, leader, since.Round(time.Millisecond))
 }
 
 // statusBody is GET /v1/status.
