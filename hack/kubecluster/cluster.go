@@ -315,7 +315,7 @@ func (c *Cluster) healthy(ctx context.Context) bool {
 	if _, err := cs.Discovery().RESTClient().Get().AbsPath("/readyz").DoRaw(ctx); err != nil {
 		return false
 	}
-	return nodeReady(ctx, cs) == nil && httpOK(ctx, "http://127.0.0.1:10181/ready")
+	return nodeReady(ctx, cs) == nil && httpOK(ctx, "http://127.0.0.1:10181/ready") && httpOK(ctx, "http://127.0.0.1:10256/healthz")
 }
 
 func httpOK(ctx context.Context, url string) bool {

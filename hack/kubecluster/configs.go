@@ -134,7 +134,7 @@ clusterCIDR: 10.88.0.0/16
 bindAddress: %[3]q
 healthzBindAddress: 127.0.0.1:10256
 metricsBindAddress: 127.0.0.1:10249
-nodePortAddresses: [%[3]q]
+nodePortAddresses: [%[4]q]
 # Zeros leave the host's conntrack sysctls alone.
 conntrack:
   maxPerCore: 0
@@ -144,7 +144,7 @@ conntrack:
 iptables:
   # true would set net.ipv4.conf.all.route_localnet on the host.
   localhostNodePorts: false
-`, NodeName, c.kubeconfigPath("kube-proxy"), c.cfg.NodeIP+"/32")
+`, NodeName, c.kubeconfigPath("kube-proxy"), c.cfg.NodeIP, c.cfg.NodeIP+"/32")
 }
 
 // corefile serves cluster.local from the apiserver and nothing else: there

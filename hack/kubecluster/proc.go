@@ -18,7 +18,7 @@ import (
 // the terminal that ran `make kube-up` does not stop the cluster), logging to
 // logs/<name>.log, and records its pid in run/<name>.pid for teardown.
 func (c *Cluster) start(name, bin string, args ...string) error {
-	logf, err := os.OpenFile(c.path("logs", name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	logf, err := os.OpenFile(c.path("logs", name+".log"), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o644)
 	if err != nil {
 		return fmt.Errorf("start %s: %w", name, err)
 	}

@@ -1,12 +1,16 @@
 package kubecluster
 
 import (
+	"archive/tar"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -196,27 +200,69 @@ func (c *Cluster) ctr(ctx context.Context, args ...string) (string, error) {
 // and, when ref is set, names it ref too (make image tags it with the
 // version; deploy/ asks for :latest).
 func (c *Cluster) importImage(ctx context.Context, tarball, ref string) error {
-	out, err := c.ctr(ctx, "images", "import", tarball)
+	tags, err := archiveTags(tarball)
 	if err != nil {
+		return err
+	}
+	if _, err := c.ctr(ctx, "images", "import", tarball); err != nil {
 		return fmt.Errorf("import %s: %w", tarball, err)
 	}
-	if ref == "" {
+	if ref == "" || slices.Contains(tags, ref) {
 		return nil
 	}
-	// ctr prints "unpacking <name> (sha256:…)...done" per image.
-	for _, line := range strings.Split(out, "\n") {
-		f := strings.Fields(line)
-		if len(f) >= 2 && f[0] == "unpacking" {
-			if f[1] == ref {
-				return nil
-			}
-			if _, err := c.ctr(ctx, "images", "tag", "--force", f[1], ref); err != nil {
-				return fmt.Errorf("tag %s as %s: %w", f[1], ref, err)
-			}
-			return nil
-		}
+	if len(tags) == 0 {
+		return fmt.Errorf("import %s: the archive names no image to tag as %s", tarball, ref)
 	}
-	return fmt.Errorf("import %s: no image named in ctr's output:\n%s", tarball, out)
+	if _, err := c.ctr(ctx, "images", "tag", "--force", tags[0], ref); err != nil {
+		return fmt.Errorf("tag %s as %s: %w", tags[0], ref, err)
+	}
+	return nil
+}
+
+// archiveTags reads a docker-archive's manifest.json and returns its
+// RepoTags as containerd names them (docker.io/… for a bare name).
+func archiveTags(tarball string) ([]string, error) {
+	f, err := os.Open(tarball)
+	if err != nil {
+		return nil, fmt.Errorf("image archive: %w", err)
+	}
+	defer f.Close()
+	tr := tar.NewReader(f)
+	for {
+		hdr, err := tr.Next()
+		if err == io.EOF {
+			return nil, fmt.Errorf("image archive %s has no manifest.json", tarball)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("image archive %s: %w", tarball, err)
+		}
+		if hdr.Name != "manifest.json" {
+			continue
+		}
+		var manifest []struct{ RepoTags []string }
+		if err := json.NewDecoder(tr).Decode(&manifest); err != nil {
+			return nil, fmt.Errorf("image archive %s: manifest.json: %w", tarball, err)
+		}
+		var out []string
+		for _, m := range manifest {
+			for _, t := range m.RepoTags {
+				out = append(out, normalizeRef(t))
+			}
+		}
+		return out, nil
+	}
+}
+
+// normalizeRef spells a reference the way containerd stores it.
+func normalizeRef(ref string) string {
+	first, _, hasSlash := strings.Cut(ref, "/")
+	if hasSlash && (strings.ContainsAny(first, ".:") || first == "localhost") {
+		return ref
+	}
+	if !hasSlash {
+		ref = "library/" + ref
+	}
+	return "docker.io/" + ref
 }
 
 // applyObjects makes the cluster-level objects a kubeadm cluster would
