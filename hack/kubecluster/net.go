@@ -41,7 +41,13 @@ func (c *Cluster) createBridge(ctx context.Context) error {
 			return err
 		}
 	}
-	_, err := run(ctx, "ip", "link", "set", c.cfg.Bridge, "up")
+	if _, err := run(ctx, "ip", "link", "set", c.cfg.Bridge, "up"); err != nil {
+		return err
+	}
+	// Service VIPs are on the bridge too: the host then talks to them from
+	// the node address, and a VIP without endpoints goes nowhere instead of
+	// out of the default route.
+	_, err := run(ctx, "ip", "route", "replace", c.cfg.ServiceCIDR, "dev", c.cfg.Bridge, "src", c.cfg.NodeIP)
 	return err
 }
 
@@ -50,7 +56,8 @@ func (c *Cluster) createBridge(ctx context.Context) error {
 // so pod-to-pod traffic is accepted explicitly; every packet that would
 // leave the bridge, or enter it from elsewhere, is dropped in mangle, which
 // runs before the filter rules kube-proxy and the kubelet put first; and a
-// pod may reach the host only at the node address (apiserver, DNS, kubelet).
+// pod may open connections to the host only at the node address (apiserver,
+// DNS, kubelet); replies to the host's own connections pass.
 func (c *Cluster) fenceRules() [][]string {
 	br := c.cfg.Bridge
 	cm := []string{"-m", "comment", "--comment", ruleComment}
@@ -58,7 +65,7 @@ func (c *Cluster) fenceRules() [][]string {
 		append([]string{"-t", "filter", "FORWARD", "-i", br, "-o", br}, append(cm, "-j", "ACCEPT")...),
 		append([]string{"-t", "mangle", "FORWARD", "-i", br, "!", "-o", br}, append(cm, "-j", "DROP")...),
 		append([]string{"-t", "mangle", "FORWARD", "!", "-i", br, "-o", br}, append(cm, "-j", "DROP")...),
-		append([]string{"-t", "mangle", "INPUT", "-i", br, "!", "-d", c.cfg.NodeIP + "/32"}, append(cm, "-j", "DROP")...),
+		append([]string{"-t", "mangle", "INPUT", "-i", br, "!", "-d", c.cfg.NodeIP + "/32", "-m", "conntrack", "!", "--ctstate", "ESTABLISHED,RELATED"}, append(cm, "-j", "DROP")...),
 	}
 }
 
