@@ -115,19 +115,33 @@ func (c *Cluster) stopComponent(name string, grace time.Duration) error {
 	return os.Remove(f)
 }
 
-// ours says whether pid runs one of the cluster's binaries.
+// ours says whether pid is a process of this cluster: one of its binaries,
+// run in or for its state folder. The binary alone is not enough: the same
+// cached kube-apiserver and etcd serve every envtest run on the machine
+// (make test, another checkout's tests), and those are not ours to stop.
+// Components run with the state folder as their working directory; the
+// shims carry containerd's socket, inside it, on their command line.
 func (c *Cluster) ours(pid int) bool {
 	exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
 	if err != nil {
 		return false
 	}
 	exe = strings.TrimSuffix(exe, " (deleted)")
+	binary := false
 	for _, dir := range []string{c.cfg.KubeBin, c.cfg.ControlPlaneBin} {
 		if dir != "" && filepath.Dir(exe) == filepath.Clean(dir) {
-			return true
+			binary = true
 		}
 	}
-	return false
+	if !binary {
+		return false
+	}
+	state := filepath.Clean(c.cfg.State)
+	if cwd, err := os.Readlink(fmt.Sprintf("/proc/%d/cwd", pid)); err == nil && (cwd == state || strings.HasPrefix(cwd, state+"/")) {
+		return true
+	}
+	cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	return bytes.Contains(cmdline, []byte(state+"/"))
 }
 
 // inPodCgroup says whether pid runs in a pod: with the cgroupfs driver every
