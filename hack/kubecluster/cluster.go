@@ -199,7 +199,12 @@ func (c *Cluster) Up(ctx context.Context) error {
 	if err := c.preflight(); err != nil {
 		return err
 	}
-	if _, ok, _ := loadHost(c.path("host.json")); ok {
+	_, recorded, _ := loadHost(c.path("host.json"))
+	if !recorded && exists("/sys/class/net/"+c.cfg.Bridge) {
+		return fmt.Errorf("the bridge %s exists but %s recorded no bring-up: another local cluster (another checkout's state folder?) is up; run its make kube-down, or ip link del %s if it is a leftover",
+			c.cfg.Bridge, c.cfg.State, c.cfg.Bridge)
+	}
+	if recorded {
 		if c.healthy(ctx) {
 			c.log.Info("already up")
 			return nil
@@ -268,11 +273,6 @@ func (c *Cluster) Up(ctx context.Context) error {
 		return err
 	}
 	if err := c.waitNode(ctx); err != nil {
-		return err
-	}
-	// kube-proxy and the kubelet put their jumps at the top of FORWARD;
-	// the fence's accept goes back in front (its drops are in mangle).
-	if err := c.addFence(ctx); err != nil {
 		return err
 	}
 	step("node Ready, CoreDNS and kube-proxy serving")
