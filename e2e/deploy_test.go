@@ -226,6 +226,22 @@ func (e *env) storeload(t *testing.T, args ...string) string {
 	return strings.TrimSpace(string(out))
 }
 
+// startLoad starts the writers through the Service and returns once they
+// have a baseline of acknowledged writes, so a gap measured after it is the
+// disruption's and not the load's start.
+func (e *env) startLoad(t *testing.T, phase string) *load {
+	t.Helper()
+	ld := startLoad(e.serviceURL(t), phase, e.ledger)
+	t.Cleanup(func() { ld.cancel(); ld.wg.Wait() }) // a failed subtest leaves no writers behind
+	e.waitFor(t, 30*time.Second, "a baseline of 20 acknowledged writes", func(context.Context) error {
+		if n := ld.acked(); n < 20 {
+			return fmt.Errorf("%d acknowledged (%s)", n, ld.summary())
+		}
+		return nil
+	})
+	return ld
+}
+
 // deleteLeader deletes the Lease holder's pod under load, gracefully or
 // with --grace-period=0 --force, and measures the longest time without an
 // acknowledged write until the StatefulSet is whole again.
@@ -240,8 +256,7 @@ func (e *env) deleteLeader(t *testing.T, force bool) {
 	if force {
 		phase, args = "force-delete", append(args, "--grace-period=0", "--force")
 	}
-	ld := startLoad(e.serviceURL(t), phase, e.ledger)
-	time.Sleep(2 * time.Second) // a baseline of acknowledged writes before the disruption
+	ld := e.startLoad(t, phase)
 	from := time.Now()
 	e.mustKubectl(t, args...)
 	e.waitFor(t, 2*time.Minute, "3 pods Ready after deleting the leader "+leader, e.allReady(3))
@@ -255,8 +270,7 @@ func (e *env) deleteLeader(t *testing.T, force bool) {
 
 func (e *env) rolloutRestart(t *testing.T) {
 	e.waitFor(t, 2*time.Minute, "3 pods Ready", e.allReady(3))
-	ld := startLoad(e.serviceURL(t), "rollout", e.ledger)
-	time.Sleep(2 * time.Second)
+	ld := e.startLoad(t, "rollout")
 	from := time.Now()
 	e.mustKubectl(t, "-n", ns, "rollout", "restart", "statefulset/store")
 	e.mustKubectl(t, "-n", ns, "rollout", "status", "statefulset/store", "--timeout=5m")
@@ -271,7 +285,7 @@ func (e *env) rolloutRestart(t *testing.T) {
 // scale goes 3 → 5 → 3 under load; every pod's member list must follow.
 func (e *env) scale(t *testing.T) {
 	e.waitFor(t, 2*time.Minute, "3 pods Ready", e.allReady(3))
-	ld := startLoad(e.serviceURL(t), "scale", e.ledger)
+	ld := e.startLoad(t, "scale")
 	from := time.Now()
 	e.mustKubectl(t, "-n", ns, "scale", "statefulset/store", "--replicas=5")
 	e.waitFor(t, 3*time.Minute, "5 pods Ready, each seeing 5 live members", e.allReady(5))
@@ -406,7 +420,7 @@ func (e *env) cutOff(t *testing.T) {
 		}
 		return nil
 	}
-	ld := startLoad(e.serviceURL(t), "cutoff", e.ledger)
+	ld := e.startLoad(t, "cutoff")
 	from := time.Now()
 	for _, r := range rules {
 		if err := nsIPTables("-I", r); err != nil {

@@ -157,6 +157,13 @@ func (ld *load) stop(from, to time.Time) (gap time.Duration, acked int) {
 	return gap, len(acks)
 }
 
+// acked is how many writes have been acknowledged so far.
+func (ld *load) acked() int {
+	ld.mu.Lock()
+	defer ld.mu.Unlock()
+	return len(ld.acks)
+}
+
 func (ld *load) summary() string {
 	var parts []string
 	ld.codes.Range(func(k, v any) bool {

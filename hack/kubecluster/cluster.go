@@ -30,6 +30,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"time"
@@ -294,7 +295,7 @@ func (c *Cluster) preflight() error {
 		}
 	}
 	for _, b := range []string{"iptables", "ip6tables", "ip"} {
-		if _, err := lookPath(b); err != nil {
+		if _, err := exec.LookPath(b); err != nil {
 			missing = append(missing, b)
 		}
 	}

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -27,8 +26,6 @@ import (
 
 // corednsUser is CoreDNS's identity; its ClusterRole is made at bring-up.
 const corednsUser = "statefulkv:coredns"
-
-var lookPath = exec.LookPath
 
 func (c *Cluster) client() (*kubernetes.Clientset, error) {
 	rc, err := clientcmd.BuildConfigFromFlags("", c.Kubeconfig())
