@@ -265,6 +265,9 @@ func (e *env) deleteLeader(t *testing.T, force bool) {
 	newLeader, _ := e.leaderPod(ctx)
 	t.Logf("GAP %s of leader %s: longest write gap %s; whole again after %s; leader now %s; load: %s",
 		phase, leader, gap.Round(time.Millisecond), to.Sub(from).Round(100*time.Millisecond), newLeader, ld.summary())
+	if gap > 3*time.Second {
+		t.Logf("a long gap; the cluster after it:\n%s", e.diagnose())
+	}
 	verifyLedger(t, e.serviceURL(t), e.ledger)
 }
 

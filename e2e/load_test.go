@@ -114,7 +114,7 @@ func (ld *load) write(ctx context.Context, w int) {
 			// No answer: the write may or may not have landed; it is not
 			// acknowledged, so the ledger does not hold the store to it.
 			ld.unknown.Add(1)
-			ld.count("error")
+			ld.count(errorClass(err))
 		case code == http.StatusOK || code == http.StatusCreated:
 			ld.ledger.add(key, value)
 			ld.mu.Lock()
@@ -174,6 +174,28 @@ func (ld *load) summary() string {
 	return fmt.Sprintf("%d acked, %d refused, %d without answer [%s]", len(ld.acks), ld.failed.Load(), ld.unknown.Load(), strings.Join(parts, " "))
 }
 
+// errorClass names a transport error without its addresses, so that the
+// summary counts kinds ("connection refused", "Client.Timeout exceeded").
+func errorClass(err error) string {
+	msg := err.Error()
+	switch {
+	case strings.Contains(msg, "Client.Timeout"):
+		return "client timeout"
+	case strings.Contains(msg, "connection refused"):
+		return "connection refused"
+	case strings.Contains(msg, "connection reset"):
+		return "connection reset"
+	case strings.Contains(msg, "EOF"):
+		return "EOF"
+	case strings.Contains(msg, "no route to host"):
+		return "no route to host"
+	}
+	if i := strings.LastIndex(msg, ": "); i >= 0 {
+		msg = msg[i+2:]
+	}
+	return msg
+}
+
 // errorCode pulls "code" out of the store's error body, for the summary.
 func errorCode(body string) string {
 	const k = `"code":"`
@@ -189,33 +211,48 @@ func errorCode(body string) string {
 }
 
 // verifyLedger reads every acknowledged key back (strong reads, through the
-// Service) and fails on any that is missing or different.
+// Service) and fails on any that is missing or different. A read the store
+// refuses for now (a 503 right after a disruption: a new leader whose DNS
+// name does not resolve yet, a pod just starting) is asked again for up to
+// 30 s; a 404 or another value is a lost write at once. It reports how many
+// reads had to wait and for how long, which is the read side of the gap.
 func verifyLedger(t *testing.T, base string, l *ledger) {
 	t.Helper()
 	want := l.snapshot()
+	deadline := time.Now().Add(30 * time.Second)
 	keys := make(chan string)
 	var mu sync.Mutex
 	var lost []string
+	var waited int
+	var longest time.Duration
+	var lastRefusal string
 	var wg sync.WaitGroup
 	for range 8 {
 		wg.Go(func() {
 			for k := range keys {
-				var body string
-				var code int
-				var err error
-				// A read can meet a pod that is just starting; retry a
-				// few times before calling the write lost.
-				for attempt := 0; attempt < 5; attempt++ {
-					body, code, err = httpDo(context.Background(), http.MethodGet, base+"/v1/kv/"+k, "", nil)
-					if err == nil && code != http.StatusServiceUnavailable {
+				start := time.Now()
+				for {
+					body, code, err := httpDo(context.Background(), http.MethodGet, base+"/v1/kv/"+k, "", nil)
+					if err == nil && code == http.StatusOK && body == want[k] {
+						if d := time.Since(start); d > time.Second {
+							mu.Lock()
+							waited++
+							longest = max(longest, d)
+							mu.Unlock()
+						}
 						break
 					}
-					time.Sleep(200 * time.Millisecond)
-				}
-				if err != nil || code != http.StatusOK || body != want[k] {
+					definitive := err == nil && (code == http.StatusOK || code == http.StatusNotFound)
+					if definitive || time.Now().After(deadline) {
+						mu.Lock()
+						lost = append(lost, fmt.Sprintf("%s: %d %v %.300q (want %q)", k, code, err, body, want[k]))
+						mu.Unlock()
+						break
+					}
 					mu.Lock()
-					lost = append(lost, fmt.Sprintf("%s: %d %v %q (want %q)", k, code, err, body, want[k]))
+					lastRefusal = fmt.Sprintf("%d %v %.300s", code, err, body)
 					mu.Unlock()
+					time.Sleep(200 * time.Millisecond)
 				}
 			}
 		})
@@ -225,6 +262,9 @@ func verifyLedger(t *testing.T, base string, l *ledger) {
 	}
 	close(keys)
 	wg.Wait()
+	if waited > 0 {
+		t.Logf("ledger: %d reads were refused for a while (longest %s until answered); last refusal: %s", waited, longest.Round(100*time.Millisecond), lastRefusal)
+	}
 	if len(lost) > 0 {
 		slices.Sort(lost)
 		if len(lost) > 20 {
