@@ -5,7 +5,7 @@ GO ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: all build run test unit chaos controlplane cluster cluster-down image fuzz bench bench-failover bench-compare bench-ab bench-memory vet clean
+.PHONY: all build run test unit chaos controlplane kube kube-up kube-down e2e cluster cluster-down image fuzz bench bench-failover bench-compare bench-ab bench-memory vet clean
 
 all: build
 
@@ -19,6 +19,33 @@ run:
 # two cores) and caches them under ~/.cache/statefulkv; later runs are instant.
 controlplane:
 	bash hack/controlplane.sh >/dev/null
+
+# The rest of a single-node Kubernetes (kubelet, kube-proxy, controller-manager,
+# scheduler, kubectl, containerd, CoreDNS, a pause image) from the module proxy,
+# cached by version under ~/.cache/statefulkv/kube; installs runc, the CNI
+# plugins, iptables and conntrack from Debian when missing.
+kube: controlplane
+	bash hack/kube.sh >/dev/null
+
+KUBE_STATE ?= .kube-local
+KUBECLUSTER = bin/kubecluster -state $(KUBE_STATE) -controlplane "$$(bash hack/controlplane.sh --dir)" -kube "$$(bash hack/kube.sh --dir)"
+
+bin/kubecluster: $(wildcard hack/kubecluster/*.go hack/kubecluster/cmd/kubecluster/*.go)
+	$(GO) build -o bin/kubecluster ./hack/kubecluster/cmd/kubecluster
+
+# A real single-node Kubernetes on the bridge cni0 (10.88.0.1) with the store
+# image imported; prints the kubeconfig and the kubectl lines. State in
+# .kube-local/. kube-down leaves the machine as kube-up found it.
+kube-up: kube image bin/kubecluster
+	$(KUBECLUSTER) -store-image bin/store-image.tar up
+
+kube-down: bin/kubecluster
+	$(KUBECLUSTER) down
+
+# End-to-end tests of deploy/ in that cluster (e2e/): one bring-up, the
+# README's quick start, disruptions under load, teardown checked.
+e2e: kube image
+	$(GO) test -tags e2e -count=1 -timeout 30m -v ./e2e
 
 # A local 3-node cluster on 127.0.0.1-3:18080 against the real control plane;
 # prints curl lines. Logs and data in .cluster/.
@@ -37,12 +64,17 @@ image:
 vet:
 	bash hack/deps.sh
 	$(GO) vet ./...
+	$(GO) vet -tags e2e ./e2e
 	cd hack/image && $(GO) vet ./...
+	cd hack/kube/pause && $(GO) vet ./...
+	cd hack/kube/coredns && $(GO) vet ./...
 
-# Every test, including the integration tests against the real control plane.
-test: controlplane vet
+# Every test, including the integration tests against the real control plane
+# and the end-to-end tests of deploy/ in a real single-node Kubernetes.
+test: controlplane kube image vet
 	$(GO) test -race -count=1 -timeout 30m ./...
 	cd hack/image && $(GO) test -count=1 ./...
+	$(GO) test -tags e2e -count=1 -timeout 30m -v ./e2e
 
 # Fast loop while editing: no control plane, no race detector.
 unit:
@@ -104,5 +136,5 @@ bench-memory: controlplane
 	bash hack/cluster.sh up >/dev/null
 	bash scripts/memory-report.sh; rc=$$?; bash hack/cluster.sh down >/dev/null; exit $$rc
 
-clean: cluster-down
-	rm -rf bin .cluster .bench
+clean: cluster-down kube-down
+	rm -rf bin .cluster .bench .kube-local

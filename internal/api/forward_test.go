@@ -22,13 +22,15 @@ import (
 
 // fakeLeadership is a hand-written Leadership with settable state.
 type fakeLeadership struct {
-	mu       sync.Mutex
-	leader   string
-	epoch    uint64
-	open     bool
-	observed []uint64
-	nudged   int
-	asked    int // Leader() calls
+	mu sync.Mutex
+	// sinceRead and sinceChange are what LeaseView reports.
+	sinceRead, sinceChange time.Duration
+	leader                 string
+	epoch                  uint64
+	open                   bool
+	observed               []uint64
+	nudged                 int
+	asked                  int // Leader() calls
 }
 
 func (f *fakeLeadership) WriteGate() (uint64, bool) {
@@ -57,6 +59,14 @@ func (f *fakeLeadership) ObserveEpoch(e uint64) {
 	if e > f.epoch && f.open {
 		f.open = false
 	}
+}
+
+// LeaseView: the Lease was read and changed just now, unless a test says
+// otherwise.
+func (f *fakeLeadership) LeaseView() (time.Duration, time.Duration) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.sinceRead, f.sinceChange
 }
 
 func (f *fakeLeadership) Nudge() {

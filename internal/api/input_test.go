@@ -225,6 +225,7 @@ func (f *fakeNode) List(context.Context, node.ListOptions, node.Origin) (node.Li
 
 func (f *fakeNode) Role() (string, string, uint64) { return "single", "", 1 }
 func (f *fakeNode) Clustered() bool                { return false }
+func (f *fakeNode) Ready() error                   { return nil }
 
 type fakeStats struct{}
 

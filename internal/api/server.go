@@ -33,6 +33,8 @@ type Node interface {
 	Role() (role, leader string, epoch uint64)
 	// Clustered reports cluster mode (peer routes and headers exist).
 	Clustered() bool
+	// Ready is nil when the node can serve what clients send it.
+	Ready() error
 }
 
 // Stats is what /v1/status reports of the local database. *storage.DB
@@ -230,6 +232,12 @@ func (s *Server) healthz(w http.ResponseWriter, _ *http.Request) {
 func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
 	if !s.ready.Load() {
 		s.writeError(w, r, fmt.Errorf("%w: node is starting or shutting down", errNotReady))
+		return
+	}
+	// The node decides whether it can serve what the Service sends it
+	// (cut off from a live leader: no; see node.Ready).
+	if err := s.cfg.Node.Ready(); err != nil {
+		s.writeError(w, r, err)
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})

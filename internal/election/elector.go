@@ -106,6 +106,7 @@ type Elector struct {
 	// observation is LeaseDuration old.
 	lastRaw     []byte
 	changedAt   time.Time
+	readAt      time.Time // last successful read of the Lease
 	expiry      *time.Timer
 	takeoverDue bool
 }
@@ -246,6 +247,7 @@ func (e *Elector) noteRead(rec *rl.LeaderElectionRecord, raw []byte) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.lastRead = rec.HolderIdentity
+	e.readAt = time.Now()
 	if bytes.Equal(raw, e.lastRaw) {
 		return
 	}
@@ -430,6 +432,23 @@ func (e *Elector) Status() Status {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return Status{Leader: e.leader, Epoch: e.epoch, IsLeader: e.gateOpenLocked()}
+}
+
+// LeaseView is how this node sees the Lease on the monotonic clock: how
+// long ago it last read it successfully, and how long ago the record last
+// changed (a leader that renews changes it every RetryPeriod). Both are
+// huge before the first read. Readiness uses them to tell an election
+// (nobody renews) from a leader this node cannot hear.
+func (e *Elector) LeaseView() (sinceRead, sinceChange time.Duration) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	age := func(t time.Time) time.Duration {
+		if t.IsZero() {
+			return time.Duration(math.MaxInt64)
+		}
+		return time.Since(t)
+	}
+	return age(e.readAt), age(e.changedAt)
 }
 
 // Leader returns the holder last observed on the Lease and its epoch.

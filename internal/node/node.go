@@ -42,6 +42,9 @@ type Leadership interface {
 	Nudge()
 	// HintLeader reports a peer's claim that id leads term epoch.
 	HintLeader(id string, epoch uint64)
+	// LeaseView is how long ago this node last read the Lease, and how
+	// long ago the Lease record last changed (see election.Elector).
+	LeaseView() (sinceRead, sinceChange time.Duration)
 }
 
 // Replication is what the node needs from internal/replication.
@@ -58,6 +61,8 @@ type Replication interface {
 	ReadStale(key string) (storage.Entry, bool, time.Duration, error)
 	// Members is the current member set.
 	Members() []string
+	// LastContact is the time since this node last heard from a leader.
+	LastContact() time.Duration
 }
 
 // Peers carries this node's calls to the others: transport.HTTP in a real
@@ -101,6 +106,15 @@ type Config struct {
 	// ReplicationTimeout bounds the wait for a write's ack level; past it
 	// the write's outcome is unknown. Default 5s.
 	ReplicationTimeout time.Duration
+	// ReadyContact is how long a follower may go without a message from
+	// the leader and still be ready (see Ready). Default 2s: four
+	// heartbeats.
+	ReadyContact time.Duration
+	// LeaseFresh is how recent a Lease read, and a change of the record,
+	// must be for this node to trust that a leader is renewing it. Default
+	// 6s: three default retry periods (followers poll every 2-4.4 s, a
+	// leader renews every 2 s).
+	LeaseFresh time.Duration
 	// Logger. Default slog.Default().
 	Logger *slog.Logger
 }
@@ -141,6 +155,12 @@ func New(cfg Config) (*Node, error) {
 	if cfg.ReplicationTimeout <= 0 {
 		cfg.ReplicationTimeout = 5 * time.Second
 	}
+	if cfg.ReadyContact <= 0 {
+		cfg.ReadyContact = 2 * time.Second
+	}
+	if cfg.LeaseFresh <= 0 {
+		cfg.LeaseFresh = 6 * time.Second
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -165,6 +185,54 @@ func (n *Node) Role() (role, leader string, epoch uint64) {
 		role = "leader"
 	}
 	return role, leader, epoch
+}
+
+// ErrNotReady means this node cannot serve what clients send it now.
+var ErrNotReady = errors.New("not ready")
+
+// Ready reports, as nil, whether this node can serve what a Service sends
+// it (any request: writes and strong reads included). A single node, and a
+// cluster without replication (no heartbeats to judge by), always can. A
+// cluster node can when it leads with its write gate open, or it heard from
+// the leader within ReadyContact, or no leader is renewing the Lease (an
+// election: every node is as able as any other to hold requests until it
+// ends, and clients ride it out). It cannot when it does not hear from a
+// leader that the apiserver shows renewing the Lease (it is cut off from
+// it), or when it cannot read the Lease itself (cut off from everyone).
+func (n *Node) Ready() error {
+	l, r := n.cfg.Leadership, n.cfg.Replication
+	if l == nil || r == nil {
+		return nil
+	}
+	if _, open := l.WriteGate(); open {
+		return nil
+	}
+	silent := r.LastContact()
+	if silent <= n.cfg.ReadyContact {
+		return nil
+	}
+	leader, _ := l.Leader()
+	if leader == "" {
+		leader = "none known"
+	}
+	sinceRead, sinceChange := l.LeaseView()
+	switch {
+	case sinceRead > n.cfg.LeaseFresh:
+		return fmt.Errorf("%w: no message from the leader (%s) for %s, and the Lease could not be read for %s: cut off?",
+			ErrNotReady, leader, round(silent), round(sinceRead))
+	case sinceChange <= n.cfg.LeaseFresh:
+		return fmt.Errorf("%w: the leader (%s) renews its Lease but no message from it for %s: cut off from it?",
+			ErrNotReady, leader, round(silent))
+	}
+	return nil // nobody renews the Lease: an election is under way
+}
+
+// round keeps a duration readable, and an unbounded one short.
+func round(d time.Duration) string {
+	if d > 365*24*time.Hour {
+		return "ever"
+	}
+	return d.Round(time.Millisecond).String()
 }
 
 // Origin says where a request came from: a client, or a node that

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -24,12 +25,14 @@ import (
 
 // fakeLeadership is a settable Leadership.
 type fakeLeadership struct {
-	mu       sync.Mutex
-	leader   string
-	epoch    uint64
-	open     bool
-	observed []uint64
-	nudged   int
+	mu sync.Mutex
+	// sinceRead and sinceChange are what LeaseView reports.
+	sinceRead, sinceChange time.Duration
+	leader                 string
+	epoch                  uint64
+	open                   bool
+	observed               []uint64
+	nudged                 int
 }
 
 func (f *fakeLeadership) WriteGate() (uint64, bool) {
@@ -51,6 +54,14 @@ func (f *fakeLeadership) ObserveEpoch(e uint64) {
 	if e > f.epoch {
 		f.open = false
 	}
+}
+
+// LeaseView: the Lease was read and changed just now, unless a test says
+// otherwise.
+func (f *fakeLeadership) LeaseView() (time.Duration, time.Duration) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.sinceRead, f.sinceChange
 }
 
 func (f *fakeLeadership) Nudge() {
@@ -82,6 +93,8 @@ type fakeReplication struct {
 	owners  func(key string) []string
 	// strongErr, if set, fails strong reads at this node.
 	strongErr atomic.Pointer[error]
+	// contact, if set, is what LastContact reports (else 0).
+	contact atomic.Pointer[time.Duration]
 }
 
 func (r *fakeReplication) Write(_ context.Context, _ uint64, _ replication.AckLevel, _ string, apply func(func(storage.Result)) (storage.Result, error)) (storage.Result, error) {
@@ -89,6 +102,12 @@ func (r *fakeReplication) Write(_ context.Context, _ uint64, _ replication.AckLe
 }
 func (r *fakeReplication) Owners(key string) []string { return r.owners(key) }
 func (r *fakeReplication) Members() []string          { return r.members }
+func (r *fakeReplication) LastContact() time.Duration {
+	if c := r.contact.Load(); c != nil {
+		return *c
+	}
+	return 0
+}
 func (r *fakeReplication) ReadStrong(_ context.Context, key string) (storage.Entry, bool, error) {
 	if err := r.strongErr.Load(); err != nil {
 		return storage.Entry{}, false, *err
@@ -459,5 +478,41 @@ func TestGetAndList_WithoutReplication_ServedByTheLeader(t *testing.T) {
 	}
 	if err != nil || !slices.Equal(keys, []string{"a", "b", "c"}) || all.More {
 		t.Fatalf("whole list via the follower: %v %v", keys, err)
+	}
+}
+
+// Readiness: a node is ready unless it is cut off from a leader that the
+// apiserver shows alive, or from the Lease itself; an election keeps every
+// node ready, so clients are held through it rather than refused.
+func TestReady_CutOffFromALiveLeaderOnly(t *testing.T) {
+	never := time.Duration(1<<63 - 1)
+	for _, tc := range []struct {
+		name                   string
+		leads                  bool
+		contact                time.Duration
+		sinceRead, sinceChange time.Duration
+		want                   string // "" for ready, else part of the reason
+	}{
+		{name: "leader with its gate open", leads: true, contact: never, sinceRead: never, sinceChange: never},
+		{name: "follower that hears the leader", contact: 600 * time.Millisecond, sinceRead: time.Second, sinceChange: time.Second},
+		{name: "follower cut off from a renewing leader", contact: 5 * time.Second, sinceRead: time.Second, sinceChange: 2 * time.Second, want: "renews its Lease but no message from it for 5s"},
+		{name: "election under way: nobody renews", contact: 9 * time.Second, sinceRead: time.Second, sinceChange: 9 * time.Second},
+		{name: "cannot read the Lease either", contact: 9 * time.Second, sinceRead: 7 * time.Second, sinceChange: 9 * time.Second, want: "could not be read for 7s"},
+		{name: "never heard from a leader, Lease being renewed", contact: never, sinceRead: time.Second, sinceChange: time.Second, want: "for ever"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newCluster(t, clusterOpts{replicated: true, owners: func(string) []string { return []string{"n1", "n2"} }}, "n1", "n2")
+			m := c.nodes[1]
+			m.ls.set("n1", 3, tc.leads)
+			m.ls.sinceRead, m.ls.sinceChange = tc.sinceRead, tc.sinceChange
+			m.repl.contact.Store(&tc.contact)
+			err := m.nd.Ready()
+			switch {
+			case tc.want == "" && err != nil:
+				t.Fatalf("not ready: %v", err)
+			case tc.want != "" && (!errors.Is(err, node.ErrNotReady) || !strings.Contains(err.Error(), tc.want)):
+				t.Fatalf("Ready() = %v, want not ready saying %q", err, tc.want)
+			}
+		})
 	}
 }
