@@ -151,7 +151,12 @@ type Cluster struct {
 	ri       *readIndex  // strong reads, on both sides
 	repair   *repairer   // follower: anti-entropy against the leader
 
-	lastContact atomic.Int64 // unix nanos of the last admitted leader message
+	// born anchors monotonic times kept in atomics: lastContact is the
+	// time since born of the last admitted leader message (0: none). A
+	// wall clock stepped by NTP must not make a replica look fresher or
+	// staler than it is (max_stale, readiness).
+	born        time.Time
+	lastContact atomic.Int64
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -194,6 +199,7 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 		cfg.Logger = slog.Default()
 	}
 	c := &Cluster{
+		born:  time.Now(),
 		cfg:   cfg,
 		log:   cfg.Logger.With("component", "replication"),
 		fence: newFence(cfg.Local.FenceEpoch()),
@@ -446,7 +452,7 @@ func (c *Cluster) admit(env envelope) error {
 func (c *Cluster) admitted(env envelope) {
 	if env.Leader != c.cfg.Self {
 		c.cfg.Leadership.ObserveEpoch(env.Epoch)
-		c.lastContact.Store(time.Now().UnixNano())
+		c.lastContact.Store(int64(max(time.Since(c.born), 1)))
 		if env.Repair {
 			c.repair.want()
 		}
@@ -464,9 +470,9 @@ func (c *Cluster) persistFence(ctx context.Context, epoch uint64) error {
 	return err
 }
 
-// LastContact is the time since this node last heard from a leader (zero
-// on the leader itself, and on a node that never heard from one it is the
-// time since it started).
+// LastContact is the time since this node last heard from a leader, on
+// the monotonic clock (zero on the leader itself; unbounded on a node that
+// never heard from one).
 func (c *Cluster) LastContact() time.Duration {
 	if _, open := c.WriteGate(); open {
 		return 0
@@ -475,7 +481,7 @@ func (c *Cluster) LastContact() time.Duration {
 	if last == 0 {
 		return time.Duration(1<<63 - 1)
 	}
-	return time.Since(time.Unix(0, last))
+	return time.Since(c.born) - time.Duration(last)
 }
 
 // ReadStrong returns key's entry (tombstones included; found is false when

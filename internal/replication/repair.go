@@ -16,7 +16,8 @@ type repairer struct {
 	// wanted asks for a pass: set at start, on a member-set change, and
 	// when the leader reports dropped entries.
 	wanted atomic.Bool
-	// last is when a pass last matched the leader (unix nanos; 0: never).
+	// last is when a pass last matched the leader, as time since the
+	// Cluster's born (monotonic; 0: never).
 	last atomic.Int64
 }
 
@@ -26,7 +27,7 @@ func (r *repairer) want() { r.wanted.Store(true) }
 // lastPass is when a pass last completed (zero: never).
 func (r *repairer) lastPass() time.Time {
 	if t := r.last.Load(); t != 0 {
-		return time.Unix(0, t)
+		return r.c.born.Add(time.Duration(t))
 	}
 	return time.Time{}
 }
@@ -92,7 +93,7 @@ func (r *repairer) once(ctx context.Context) (err error) {
 	}
 	defer func() {
 		if err == nil {
-			r.last.Store(time.Now().UnixNano())
+			r.last.Store(int64(max(time.Since(c.born), 1)))
 		}
 	}()
 	if len(parts) == 0 {
