@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -206,5 +207,80 @@ func TestReplicator_DuplicateOwnersCountOnce_AndCloseUnblocks(t *testing.T) {
 	}
 	if err := r.Replicate(context.Background(), 1, entry("k", "1", 1, 1), []string{"a"}, 1); !errors.Is(err, ErrAckTimeout) {
 		t.Fatalf("Replicate after Close: %v", err)
+	}
+}
+
+// refusesBig refuses, as too large, every batch with more than one entry,
+// and any entry whose key is "poison"; it applies the rest.
+type refusesBig struct {
+	onlyBatches
+	calls atomic.Int32
+}
+
+func (r *refusesBig) Replicate(ctx context.Context, b transport.Batch) (transport.BatchReply, error) {
+	r.calls.Add(1)
+	if len(b.Entries) > 1 || (len(b.Entries) == 1 && b.Entries[0].Key == "poison") {
+		return transport.BatchReply{}, &transport.Error{Status: http.StatusRequestEntityTooLarge, Code: "value_too_large", Message: "too large"}
+	}
+	return r.onlyBatches.Replicate(ctx, b)
+}
+
+// A batch the follower refuses for its content is never sent again
+// unchanged: it is split until its entries go alone, and a single entry the
+// follower will not take is left to repair (the follower is marked behind)
+// instead of being retried for ever.
+func TestReplicator_RefusedBatch_SplitNeverResentUnchanged(t *testing.T) {
+	f := newFollower(t)
+	svc := &refusesBig{onlyBatches: onlyBatches{f.f}}
+	net := transport.NewInMem()
+	net.Register("a", transport.Services{Replica: svc})
+	r, err := newReplicator(replicatorConfig{Self: "leader", Peers: net.Client("leader")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(r.Close)
+	// Hold the sender on a first entry, so the next ones queue up and
+	// leave together as one batch.
+	held := make(chan struct{})
+	net.SetFault(func(transport.Call) transport.Fault {
+		select {
+		case <-held:
+			return transport.Fault{}
+		default:
+			return transport.Fault{Delay: 50 * time.Millisecond}
+		}
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var ps []*pending
+	for i := range 8 {
+		p, err := r.Submit(1, entry(fmt.Sprintf("k%d", i), fmt.Sprint(i), 1, uint64(i+1)), []string{"a"}, 1, 1, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ps = append(ps, p)
+	}
+	poison, err := r.Submit(1, entry("poison", "1", 1, 9), []string{"a"}, 1, 1, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	close(held)
+	for i, p := range ps {
+		if err := p.Wait(ctx); err != nil {
+			t.Fatalf("entry %d after the batch was refused: %v", i, err)
+		}
+		if got, err := f.db.Get(fmt.Sprintf("k%d", i)); err != nil || string(got.Value) != fmt.Sprint(i) {
+			t.Fatalf("k%d at the follower: %q %v", i, got.Value, err)
+		}
+	}
+	if err := poison.Wait(ctx); !errors.Is(err, ErrAckTimeout) {
+		t.Fatalf("an entry the follower refuses alone: %v, want ErrAckTimeout", err)
+	}
+	if !slices.Contains(r.Behind(), "a") {
+		t.Fatal("the follower missed an entry but is not marked behind (repair would not fetch it)")
+	}
+	// Halving ends: at most one call per entry and per split, never a loop.
+	if n := svc.calls.Load(); n <= 9 || n > 2*9 {
+		t.Fatalf("%d replicate calls for 9 entries: want more than 9 (a batch of several was refused and split) and at most 18 (never resent unchanged)", n)
 	}
 }
