@@ -25,7 +25,7 @@ coredns_version="$(modversion github.com/coredns/coredns "$mod/coredns/go.mod")"
 # The key hashes every input of the build, so a change of any pin, of the
 # CoreDNS plugin list or of the pause program rebuilds.
 sum="$(cd "$mod" && cat go.mod go.sum containerd/go.mod containerd/go.sum coredns/go.mod coredns/go.sum coredns/main.go \
-	pause/go.mod pause/go.sum pause/main.go pause/cmd/pause/main.go "$here/kube.sh" | sha256sum | cut -c1-12)"
+	pause/go.mod pause/cmd/pause/main.go "$here/image/main.go" "$here/kube.sh" | sha256sum | cut -c1-12)"
 key="k8s-${k8s_version}_containerd-${containerd_version}_coredns-${coredns_version}_${sum}"
 dir="${STATEFULKV_KUBE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/statefulkv/kube/$key}"
 pause_ref="statefulkv.local/pause:1"
@@ -93,8 +93,11 @@ step "building coredns $coredns_version"
 (cd "$mod/coredns" && go build -trimpath -ldflags "-s -w" -o "$tmp/coredns" .)
 
 step "building the pause image $pause_ref"
-(cd "$mod/pause" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$tmp/pause" ./cmd/pause &&
-	go run . -binary "$tmp/pause" -tag "$pause_ref" -out "$tmp/pause-image.tar")
+# Packed like the store's image (hack/image): the binary alone, as nobody,
+# upstream's pause user.
+(cd "$mod/pause" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$tmp/pause" ./cmd/pause) &&
+	(cd "$here/image" && go run . -binary "$tmp/pause" -name pause -user 65535:65535 -data=false -port 0 \
+		-version "$pause_ref" -tag "$pause_ref" -out "$tmp/pause-image.tar" >/dev/null)
 echo "$pause_ref" >"$tmp/pause-image.ref"
 rm -f "$tmp/pause"
 

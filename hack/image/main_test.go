@@ -17,7 +17,7 @@ func TestBuild_ImageRunsStoreAsNonRoot(t *testing.T) {
 		t.Fatal(err)
 	}
 	out := filepath.Join(dir, "image.tar")
-	if err := build(bin, "example.test/store:t1", out, "t1"); err != nil {
+	if err := build(bin, "example.test/store:t1", out, spec{name: "store", user: nonroot, data: true, port: 8080, version: "t1"}); err != nil {
 		t.Fatal(err)
 	}
 	img, err := tarball.ImageFromPath(out, nil)
