@@ -226,10 +226,10 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 		// multiplexed peer stream by default, or unencrypted HTTP/2.
 		carrier, replCarrier := peerCarriers(cfg)
 		undo = append(undo, closeCarrier(carrier), closeCarrier(replCarrier))
-		if peers, err = transport.NewHTTP(transport.HTTPConfig{Addr: peerAddr, Token: cfg.peerToken, RoundTripper: carrier}); err != nil {
+		if peers, err = transport.NewHTTP(transport.HTTPConfig{Addr: peerAddr, Token: cfg.peerToken, RoundTripper: carrier, MaxReplyBytes: transport.MaxMessageBytes(cfg.maxValueBytes)}); err != nil {
 			return err
 		}
-		if replPeers, err = transport.NewHTTP(transport.HTTPConfig{Addr: peerAddr, Token: cfg.peerToken, RoundTripper: replCarrier}); err != nil {
+		if replPeers, err = transport.NewHTTP(transport.HTTPConfig{Addr: peerAddr, Token: cfg.peerToken, RoundTripper: replCarrier, MaxReplyBytes: transport.MaxMessageBytes(cfg.maxValueBytes)}); err != nil {
 			return err
 		}
 		elector, err = election.New(election.Config{
@@ -455,6 +455,10 @@ func peerCarriers(cfg config) (calls, replication http.RoundTripper) {
 		Header:      http.Header{transport.TokenHeader: {cfg.peerToken}},
 		Fallback:    plain(),
 		DialTimeout: 2 * time.Second,
+		// The same bound as api's peerhttp.Server: requests of up to
+		// two messages ride the stream (bodies above half the bound go
+		// through Fallback).
+		MaxFrameBytes: int(4 * transport.MaxMessageBytes(cfg.maxValueBytes)),
 	}
 	return streams, plain()
 }

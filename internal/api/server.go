@@ -141,7 +141,10 @@ func New(cfg Config) (*Server, error) {
 	}
 	s.handler = routes
 	if cfg.Node.Clustered() {
-		s.streams = &peerhttp.Server{Handler: s.handler}
+		// A frame holds a forwarded call or its answer: at most one
+		// message (a page plus a value). The same bound as main's
+		// peerhttp.Transport, which sends bodies of up to half of it.
+		s.streams = &peerhttp.Server{Handler: s.handler, MaxFrameBytes: int(4 * transport.MaxMessageBytes(cfg.MaxValueBytes))}
 	}
 	return s, nil
 }
@@ -201,7 +204,7 @@ func (s *Server) routes() chi.Router {
 		}
 		// The largest call is a replication batch, which holds at least
 		// one value of any allowed size.
-		calls := transport.NewHandler(services, s.cfg.MaxValueBytes+replication.DefaultMaxBatchBytes+1<<20)
+		calls := transport.NewHandler(services, transport.MaxMessageBytes(s.cfg.MaxValueBytes))
 		for _, p := range paths {
 			r.Post(p, calls.ServeHTTP)
 		}

@@ -121,7 +121,7 @@ type snapshot struct {
 
 func (n *testNode) snapshot() snapshot {
 	n.t.Helper()
-	es, _, err := n.db.Scan("", "", 10000)
+	es, _, err := n.db.Scan("", "", 10000, 0)
 	if err != nil {
 		n.t.Fatal(err)
 	}

@@ -21,8 +21,9 @@ import (
 type Store interface {
 	// Get returns the live entry or an error wrapping storage.ErrNotFound.
 	Get(key string) (storage.Entry, error)
-	// Scan lists live entries in key order; see storage.DB.Scan.
-	Scan(prefix, after string, limit int) ([]storage.Entry, bool, error)
+	// Scan lists live entries in key order, a page bounded by count and
+	// bytes; see storage.DB.Scan.
+	Scan(prefix, after string, limit, maxBytes int) ([]storage.Entry, bool, error)
 	// Apply durably applies a mutation; it returns only after fsync.
 	Apply(ctx context.Context, m storage.Mutation) (storage.Result, error)
 }

@@ -254,7 +254,8 @@ type ListOptions struct {
 	Limit         int
 }
 
-// ListResult is one page; More says another follows after the last key.
+// ListResult is one page; More says another follows after the last key. A
+// page may hold fewer than Limit entries when their values are large.
 type ListResult struct {
 	Entries []storage.Entry
 	More    bool
@@ -298,7 +299,11 @@ func (n *Node) List(ctx context.Context, opts ListOptions, o Origin) (res ListRe
 	return out, nil
 }
 
+// listLocal reads a page from this node's store. A page also stops before
+// it passes transport.PageBytes, so a listing of large values never holds
+// more than about one page in memory per hop, and the reply always fits
+// what a forwarding peer accepts.
 func (n *Node) listLocal(opts ListOptions) (ListResult, error) {
-	entries, more, err := n.cfg.Store.Scan(opts.Prefix, opts.After, opts.Limit)
+	entries, more, err := n.cfg.Store.Scan(opts.Prefix, opts.After, opts.Limit, transport.PageBytes)
 	return ListResult{Entries: entries, More: more}, err
 }

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"runtime"
+	"slices"
 	"sync"
 	"time"
 )
@@ -16,10 +17,20 @@ import (
 // Protocol is the Upgrade token of the connection.
 const Protocol = "statefulkv-peer/1"
 
-// MaxFrameBytes bounds one request or response on the connection. Larger
+// MaxFrameBytes is the default bound of one request or response on the
+// connection (Server.MaxFrameBytes, Transport.MaxFrameBytes). Larger
 // requests go through the Fallback transport; a larger response is
-// answered with an error. Values are at most 64 MiB (--max-value-bytes).
+// answered with an error. Values are at most 64 MiB (--max-value-bytes);
+// main sets the bound from the value limit.
 const MaxFrameBytes = 1 << 30
+
+// frameLimit is a configured frame bound, or the default.
+func frameLimit(configured int) int {
+	if configured <= 0 || configured > MaxFrameBytes {
+		return MaxFrameBytes
+	}
+	return configured
+}
 
 // Frame layout, all integers big-endian:
 //
@@ -51,20 +62,33 @@ type frame struct {
 	payload []byte
 }
 
-// readFrame reads the next frame from r into a fresh buffer.
-func readFrame(r *bufio.Reader) (frame, error) {
+// readFrame reads the next frame, of at most maxBytes, from r into a fresh
+// buffer. The buffer grows with the bytes that actually arrive, never
+// ahead of them by more than what has arrived, so a peer that declares a
+// huge frame and sends little costs what it sent.
+func readFrame(r *bufio.Reader, maxBytes int) (frame, error) {
 	var hdr [frameHeaderBytes]byte
 	if _, err := io.ReadFull(r, hdr[:]); err != nil {
 		return frame{}, err
 	}
-	n := binary.BigEndian.Uint32(hdr[0:4])
-	if n > MaxFrameBytes {
-		return frame{}, fmt.Errorf("%w: %d bytes", errFrameTooLarge, n)
+	n := int(binary.BigEndian.Uint32(hdr[0:4]))
+	if n > maxBytes {
+		return frame{}, fmt.Errorf("%w: %d bytes, the limit is %d", errFrameTooLarge, n, maxBytes)
 	}
-	f := frame{kind: hdr[4], id: binary.BigEndian.Uint64(hdr[5:13]), payload: make([]byte, n)}
-	if _, err := io.ReadFull(r, f.payload); err != nil {
-		return frame{}, fmt.Errorf("%w: truncated: %w", errBadFrame, err)
+	f := frame{kind: hdr[4], id: binary.BigEndian.Uint64(hdr[5:13])}
+	const first = 64 << 10
+	buf := make([]byte, 0, min(n, first))
+	for len(buf) < n {
+		if len(buf) == cap(buf) {
+			buf = slices.Grow(buf, min(n-len(buf), cap(buf)))
+		}
+		m, err := io.ReadFull(r, buf[len(buf):min(cap(buf), n)])
+		buf = buf[:len(buf)+m]
+		if err != nil {
+			return frame{}, fmt.Errorf("%w: truncated: %w", errBadFrame, err)
+		}
 	}
+	f.payload = buf
 	return f, nil
 }
 

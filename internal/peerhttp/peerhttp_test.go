@@ -4,12 +4,14 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -246,20 +248,20 @@ func TestServer_Shutdown_ServesWhatItRead_GoAwayNamesTheRest(t *testing.T) {
 	shut := make(chan error, 1)
 	go func() { shut <- ps.peer.Shutdown(context.Background()) }()
 
-	f, err := readFrame(r)
+	f, err := readFrame(r, MaxFrameBytes)
 	if err != nil || f.kind != kindGoAway || f.id != 1 {
 		t.Fatalf("first frame after Shutdown: %+v %v, want GOAWAY naming request 1", f, err)
 	}
 	send(2, "/two")
 	close(release)
-	f, err = readFrame(r)
+	f, err = readFrame(r, MaxFrameBytes)
 	if err != nil || f.kind != kindResponse || f.id != 1 {
 		t.Fatalf("want the answer to request 1, got %+v %v", f, err)
 	}
 	if resp, err := decodeResponse(f.payload); err != nil || resp.StatusCode != http.StatusOK {
 		t.Fatalf("answer to request 1: %v %v", resp, err)
 	}
-	if _, err := readFrame(r); !errors.Is(err, io.EOF) {
+	if _, err := readFrame(r, MaxFrameBytes); !errors.Is(err, io.EOF) {
 		t.Fatalf("after the last answer: %v, want the connection closed", err)
 	}
 	conn.Close() // as a Transport does on EOF; the server waits for it
@@ -479,5 +481,49 @@ func TestServer_ShutdownExpired_WaitsForCancelledHandlers(t *testing.T) {
 	}
 	if !finished.Load() {
 		t.Fatal("Shutdown returned while a cancelled handler was still running")
+	}
+}
+
+// A frame's declared length is a claim, not an allocation: a peer that
+// declares a large frame and sends a little costs what it sent, and one
+// over the limit is refused before anything is read.
+func TestReadFrame_AllocatesWhatArrives_RefusesOverLimit(t *testing.T) {
+	header := func(n uint32) []byte {
+		b := binary.BigEndian.AppendUint32(nil, n)
+		b = append(b, kindRequest)
+		return binary.BigEndian.AppendUint64(b, 7)
+	}
+	tests := []struct {
+		name      string
+		declared  uint32
+		sent      int
+		limit     int
+		wantErr   error
+		maxAllocs uint64 // bytes allocated while reading, at most
+	}{
+		// The counter is the process's, so the bounds leave room for
+		// whatever else runs; they are far below the declared sizes.
+		{"whole frame", 3 << 20, 3 << 20, 8 << 20, nil, 16 << 20},
+		{"declares 512 MiB, sends 100 KiB", 512 << 20, 100 << 10, 1 << 30, errBadFrame, 16 << 20},
+		{"declares 900 MiB over an 8 MiB limit", 900 << 20, 100 << 10, 8 << 20, errFrameTooLarge, 16 << 20},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			in := append(header(tt.declared), make([]byte, tt.sent)...)
+			r := bufio.NewReader(bytes.NewReader(in))
+			var before, after runtime.MemStats
+			runtime.ReadMemStats(&before)
+			f, err := readFrame(r, tt.limit)
+			runtime.ReadMemStats(&after)
+			if !errors.Is(err, tt.wantErr) {
+				t.Fatalf("readFrame: %v, want %v", err, tt.wantErr)
+			}
+			if tt.wantErr == nil && (len(f.payload) != tt.sent || f.id != 7) {
+				t.Fatalf("frame id %d with %d bytes, want id 7 with %d", f.id, len(f.payload), tt.sent)
+			}
+			if got := after.TotalAlloc - before.TotalAlloc; got > tt.maxAllocs {
+				t.Fatalf("allocated %d bytes reading it, want at most %d", got, tt.maxAllocs)
+			}
+		})
 	}
 }

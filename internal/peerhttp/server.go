@@ -34,6 +34,10 @@ type Server struct {
 	// WriteTimeout bounds one write of answers to a peer; a peer that
 	// reads nothing for that long loses the connection. Default 10s.
 	WriteTimeout time.Duration
+	// MaxFrameBytes bounds one frame either way: a larger request ends the
+	// connection, a larger response is answered with an error. Default
+	// MaxFrameBytes.
+	MaxFrameBytes int
 
 	mu      sync.Mutex
 	conns   map[*serverConn]struct{}
@@ -155,7 +159,7 @@ func (c *serverConn) serve() {
 	}()
 	var last uint64 // the last request read in full
 	for {
-		f, err := readFrame(c.r)
+		f, err := readFrame(c.r, frameLimit(c.srv.MaxFrameBytes))
 		if err != nil {
 			break
 		}
@@ -261,7 +265,7 @@ func (c *serverConn) answerRecorded(id uint64, rec *recorder) {
 		status = http.StatusOK
 	}
 	body := rec.body.Bytes()
-	if len(body) > MaxFrameBytes-64<<10 || !headersFit(rec.header) {
+	if len(body) > frameLimit(c.srv.MaxFrameBytes)-64<<10 || !headersFit(rec.header) {
 		status, body = http.StatusBadGateway, jsonError("response_too_large", "the response does not fit a peer connection frame")
 		rec.header = http.Header{"Content-Type": {"application/json"}}
 	}

@@ -34,6 +34,10 @@ type Transport struct {
 	// for that long (dead, or paused with full socket buffers) loses the
 	// connection, and the next request dials again. Default 5s.
 	WriteTimeout time.Duration
+	// MaxFrameBytes bounds one frame either way: a larger request goes
+	// through Fallback, a larger response fails the connection. Default
+	// MaxFrameBytes.
+	MaxFrameBytes int
 
 	mu     sync.Mutex
 	peers  map[string]*peer
@@ -55,12 +59,12 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	var body []byte
 	if req.Body != nil && req.Body != http.NoBody {
 		var err error
-		body, err = io.ReadAll(io.LimitReader(req.Body, MaxFrameBytes/2+1))
+		body, err = io.ReadAll(io.LimitReader(req.Body, int64(frameLimit(t.MaxFrameBytes)/2+1)))
 		if err != nil {
 			req.Body.Close()
 			return nil, fmt.Errorf("peerhttp: read request body: %w", err)
 		}
-		if len(body) > MaxFrameBytes/2 {
+		if len(body) > frameLimit(t.MaxFrameBytes)/2 {
 			// Too big for a frame: the fallback gets what was read and
 			// the rest of the body.
 			return t.fallback(req, io.MultiReader(bytes.NewReader(body), req.Body), -1)
@@ -200,7 +204,7 @@ func (t *Transport) dial(ctx context.Context, addr string) (*clientConn, error) 
 	}
 	_ = conn.SetDeadline(time.Time{})
 	c := &clientConn{conn: conn, w: newFrameWriter(conn, orDefault(t.WriteTimeout, 5*time.Second)), waiting: make(map[uint64]chan result), goneAbove: ^uint64(0)}
-	go c.readLoop(r, addr)
+	go c.readLoop(r, addr, frameLimit(t.MaxFrameBytes))
 	return c, nil
 }
 
@@ -313,11 +317,11 @@ func appendRequest(b []byte, id uint64, req *http.Request, body []byte) []byte {
 // readLoop delivers responses until the connection ends, then fails every
 // request still waiting: as "never sent" if the peer's GOAWAY said it did
 // not read it, otherwise as a connection error (it may have been served).
-func (c *clientConn) readLoop(r *bufio.Reader, addr string) {
+func (c *clientConn) readLoop(r *bufio.Reader, addr string, maxFrame int) {
 	var err error
 	for {
 		var f frame
-		f, err = readFrame(r)
+		f, err = readFrame(r, maxFrame)
 		if err != nil {
 			break
 		}

@@ -79,10 +79,11 @@ type Leadership interface {
 type Local interface {
 	Applier
 	Digests() []uint64
-	PartitionEntries(parts []int) ([]storage.Entry, error)
-	PartitionVersions(parts []int) ([]storage.Entry, error)
+	PartitionEntries(parts []int, after string, maxBytes int) ([]storage.Entry, bool, error)
+	PartitionVersions(parts []int, after string, maxBytes int) ([]storage.Entry, bool, error)
 	Lookup(key string) (storage.Entry, bool, error)
-	LookupMany(keys []string) ([]storage.Entry, error)
+	LookupMany(keys []string, maxBytes int) ([]storage.Entry, int, error)
+	LookupVersions(keys []string) ([]storage.Entry, error)
 	Changed() <-chan struct{}
 }
 

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/statefulkv/store/internal/storage"
 	"github.com/statefulkv/store/internal/transport"
 )
 
@@ -58,8 +59,10 @@ func (h handOff) run(ctx context.Context) error {
 }
 
 // pushTo sends member id the entries of the partitions it owns whose digest
-// differs from this node's, in batches bounded by entries and bytes, and
-// returns how many partitions differed.
+// differs from this node's, a page at a time (a page read from bbolt
+// becomes batches bounded by entries and bytes, so memory stays within one
+// page whatever the partitions hold), and returns how many partitions
+// differed.
 func (h handOff) pushTo(ctx context.Context, id string, env envelope) (int, error) {
 	c := h.c
 	cctx, cancel := context.WithTimeout(ctx, 3*time.Second)
@@ -72,29 +75,29 @@ func (h handOff) pushTo(ctx context.Context, id string, env envelope) (int, erro
 	if err != nil || len(parts) == 0 {
 		return 0, err
 	}
-	entries, err := c.cfg.Local.PartitionEntries(parts)
-	if err != nil {
-		return 0, err
-	}
 	maxBytes := c.cfg.MaxBatchBytes
 	if maxBytes <= 0 {
 		maxBytes = DefaultMaxBatchBytes
 	}
 	const maxEntries = 512
-	for len(entries) > 0 {
-		batch := transport.Batch{Envelope: env}
-		for size := 0; len(entries) > 0 && len(batch.Entries) < maxEntries; entries = entries[1:] {
-			w := toWire(entries[0])
-			if len(batch.Entries) > 0 && size+w.Size() > maxBytes {
-				break
-			}
-			size += w.Size()
-			batch.Entries = append(batch.Entries, w)
-		}
-		_, err := c.cfg.Peers.Replicate(ctx, id, batch)
-		c.note(id, err)
-		if err != nil {
+	for after, more := "", true; more; {
+		var page []storage.Entry
+		if page, more, err = c.cfg.Local.PartitionEntries(parts, after, maxBytes); err != nil {
 			return len(parts), err
+		}
+		if len(page) > 0 {
+			after = page[len(page)-1].Key
+		}
+		for len(page) > 0 {
+			batch := transport.Batch{Envelope: env}
+			for ; len(page) > 0 && len(batch.Entries) < maxEntries; page = page[1:] {
+				batch.Entries = append(batch.Entries, toWire(page[0]))
+			}
+			_, err := c.cfg.Peers.Replicate(ctx, id, batch)
+			c.note(id, err)
+			if err != nil {
+				return len(parts), err
+			}
 		}
 	}
 	return len(parts), nil

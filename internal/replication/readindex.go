@@ -45,8 +45,10 @@ func (ri *readIndex) writing(key string) (release func()) {
 func (ri *readIndex) forgetInflight() { ri.inflight.Store(newInflightSet()) }
 
 // leaderRead reads keys on the caught-up leader, each once no write to it is
-// in flight, and confirms the term did not end meanwhile.
-func (ri *readIndex) leaderRead(ctx context.Context, keys []string) (entries []storage.Entry, found []bool, epoch uint64, err error) {
+// in flight, and confirms the term did not end meanwhile. Without values it
+// reads versions only: a burst of read-index calls for large values must
+// not copy each value at the leader just to compare versions.
+func (ri *readIndex) leaderRead(ctx context.Context, keys []string, values bool) (entries []storage.Entry, found []bool, epoch uint64, err error) {
 	c := ri.c
 	epoch, open := c.WriteGate()
 	if !open {
@@ -58,8 +60,15 @@ func (ri *readIndex) leaderRead(ctx context.Context, keys []string) (entries []s
 	entries, found = make([]storage.Entry, len(keys)), make([]bool, len(keys))
 	for i, key := range keys {
 		err = set.whenIdle(ctx, key, func() error {
-			var lerr error
-			entries[i], found[i], lerr = c.cfg.Local.Lookup(key)
+			if values {
+				var lerr error
+				entries[i], found[i], lerr = c.cfg.Local.Lookup(key)
+				return lerr
+			}
+			got, lerr := c.cfg.Local.LookupVersions([]string{key})
+			if len(got) == 1 {
+				entries[i], found[i] = got[0], true
+			}
 			return lerr
 		})
 		if err != nil {
@@ -77,7 +86,7 @@ func (ri *readIndex) leaderRead(ctx context.Context, keys []string) (entries []s
 func (ri *readIndex) strong(ctx context.Context, key string) (storage.Entry, bool, error) {
 	c := ri.c
 	if _, open := c.WriteGate(); open {
-		es, found, _, err := ri.leaderRead(ctx, []string{key})
+		es, found, _, err := ri.leaderRead(ctx, []string{key}, true)
 		if err != nil {
 			return storage.Entry{}, false, err
 		}

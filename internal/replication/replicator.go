@@ -59,10 +59,10 @@ type replicatorConfig struct {
 // part of a 512 MiB pod.
 const DefaultQueueBytes = 32 << 20
 
-// DefaultMaxBatchBytes is the default replicatorConfig.MaxBatchBytes. A
-// follower must accept a call of this size plus one value of the largest
-// allowed size (the API sizes its limit so).
-const DefaultMaxBatchBytes = 8 << 20
+// DefaultMaxBatchBytes is the default replicatorConfig.MaxBatchBytes, a
+// page (transport.PageBytes): a follower accepts a call of this size plus
+// one value of the largest allowed size (transport.MaxMessageBytes).
+const DefaultMaxBatchBytes = transport.PageBytes
 
 // replicator sends the leader's writes to their owners: one sender per
 // follower drains a queue in order and ships batches, so concurrent writes

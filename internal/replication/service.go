@@ -9,11 +9,6 @@ import (
 	"github.com/statefulkv/store/internal/transport"
 )
 
-// maxPageBytes bounds the values one Entries answer carries: a page of
-// keys stops growing once it passes this size (it always holds at least
-// one entry), and the caller asks again for the rest.
-const maxPageBytes = 8 << 20
-
 // Service is what this node serves to the other members' replication
 // calls: batches (receiver), digests, entries and the read index.
 func (c *Cluster) Service() transport.ReplicaService { return replicaService{c} }
@@ -57,44 +52,33 @@ func (s replicaService) Digests(ctx context.Context, req transport.Sync) (transp
 	return transport.DigestsReply{Envelope: env, Digests: s.c.cfg.Local.Digests()}, nil
 }
 
-// Entries answers the keys and versions of partitions (VersionsOnly), or
-// the entries of exactly the keys asked for, a page of at most about
-// maxPageBytes of them.
+// Entries answers one page, of at most about transport.PageBytes: the keys
+// and versions of partitions after req.After (VersionsOnly), or the
+// entries of a prefix of exactly the keys asked for (Covered says how
+// many).
 func (s replicaService) Entries(ctx context.Context, req transport.Sync) (transport.EntriesReply, error) {
 	env, err := s.c.authority(ctx, req)
 	if err != nil {
 		return transport.EntriesReply{}, err
 	}
 	reply := transport.EntriesReply{Envelope: env}
+	var entries []storage.Entry
 	switch {
 	case req.VersionsOnly:
-		entries, err := s.c.cfg.Local.PartitionVersions(req.Partitions)
+		entries, reply.More, err = s.c.cfg.Local.PartitionVersions(req.Partitions, req.After, transport.PageBytes)
 		if err != nil {
 			return reply, fmt.Errorf("%w: %w", ErrInvalidCall, err)
 		}
-		reply.Entries = make([]transport.Entry, len(entries))
-		for i, e := range entries {
-			reply.Entries[i] = toWire(e)
-		}
-		return reply, nil
 	case len(req.Keys) == 0:
 		return reply, fmt.Errorf("%w: ask for versions of partitions or for keys", ErrInvalidCall)
-	}
-	// A few keys at a time, so a page of large values stops near the bound.
-	const step = 16
-	size := 0
-	for reply.Covered < len(req.Keys) && (reply.Covered == 0 || size < maxPageBytes) {
-		keys := req.Keys[reply.Covered:min(reply.Covered+step, len(req.Keys))]
-		entries, err := s.c.cfg.Local.LookupMany(keys)
-		if err != nil {
+	default:
+		if entries, reply.Covered, err = s.c.cfg.Local.LookupMany(req.Keys, transport.PageBytes); err != nil {
 			return reply, err
 		}
-		for _, e := range entries {
-			w := toWire(e)
-			size += w.Size()
-			reply.Entries = append(reply.Entries, w)
-		}
-		reply.Covered += len(keys)
+	}
+	reply.Entries = make([]transport.Entry, len(entries))
+	for i, e := range entries {
+		reply.Entries[i] = toWire(e)
 	}
 	return reply, nil
 }
@@ -106,7 +90,7 @@ func (s replicaService) ReadIndex(ctx context.Context, req transport.ReadIndex) 
 	if len(req.Keys) == 0 {
 		return transport.ReadIndexReply{}, fmt.Errorf("%w: a read index needs at least one key", ErrInvalidCall)
 	}
-	entries, found, epoch, err := s.c.ri.leaderRead(ctx, req.Keys)
+	entries, found, epoch, err := s.c.ri.leaderRead(ctx, req.Keys, false)
 	if err != nil {
 		return transport.ReadIndexReply{}, err
 	}
@@ -135,65 +119,102 @@ func (c *Cluster) digestsOf(ctx context.Context, id string, env *envelope) (tran
 }
 
 // fetchNewer brings this node level with a peer on the given partitions:
-// it asks for their keys and versions first (no values), then for the
-// values of exactly the keys the peer holds newer, page by page, and
-// applies them here in term epoch (newer versions win). Steady-state
-// differences, a few keys in flight, thus cost a few keys, not whole
-// partitions. It returns how many entries changed this node.
+// page by page, it asks for their keys and versions (no values), then for
+// the values of exactly the keys the peer holds newer, and applies them
+// here in term epoch (newer versions win). Steady-state differences, a few
+// keys in flight, thus cost a few keys, not whole partitions, and memory
+// stays within a page of versions and a page of values whatever the size
+// of the partitions. It returns how many entries changed this node.
 func (c *Cluster) fetchNewer(ctx context.Context, from string, env *envelope, epoch uint64, parts []int) (int, error) {
-	sync := transport.Sync{Partitions: parts, VersionsOnly: true}
+	list := transport.Sync{Partitions: parts, VersionsOnly: true}
 	if env != nil {
-		sync.HasEnvelope, sync.Envelope = true, *env
-	}
-	versions, err := c.cfg.Peers.Entries(ctx, from, sync)
-	c.note(from, err)
-	if err != nil {
-		return 0, err
-	}
-	var want []string
-	const chunk = 1024
-	for i := 0; i < len(versions.Entries); i += chunk {
-		batch := versions.Entries[i:min(i+chunk, len(versions.Entries))]
-		keys := make([]string, len(batch))
-		for j, we := range batch {
-			keys[j] = we.Key
-		}
-		local, err := c.cfg.Local.LookupMany(keys)
-		if err != nil {
-			return 0, err
-		}
-		have := make(map[string]storage.Version, len(local))
-		for _, e := range local {
-			have[e.Key] = e.Version
-		}
-		for _, we := range batch {
-			v := storage.Version(we.Version)
-			if v.IsZero() {
-				return 0, fmt.Errorf("versions from %s: %q without a version", from, we.Key)
-			}
-			if cur, ok := have[we.Key]; !ok || cur.Less(v) {
-				want = append(want, we.Key)
-			}
-		}
+		list.HasEnvelope, list.Envelope = true, *env
 	}
 	applied := 0
-	for len(want) > 0 {
-		sync.VersionsOnly, sync.Partitions, sync.Keys = false, nil, want[:min(chunk, len(want))]
-		reply, err := c.cfg.Peers.Entries(ctx, from, sync)
+	for {
+		versions, err := c.cfg.Peers.Entries(ctx, from, list)
 		c.note(from, err)
 		if err != nil {
 			return applied, err
 		}
-		if reply.Covered < 1 || reply.Covered > len(sync.Keys) {
-			return applied, fmt.Errorf("entries from %s: a page covering %d of %d keys", from, reply.Covered, len(sync.Keys))
+		want, err := c.newerThanLocal(from, versions.Entries)
+		if err != nil {
+			return applied, err
 		}
-		want = want[reply.Covered:]
+		n, err := c.pullKeys(ctx, from, env, epoch, want)
+		applied += n
+		if err != nil {
+			return applied, err
+		}
+		if !versions.More {
+			return applied, nil
+		}
+		if len(versions.Entries) == 0 {
+			return applied, fmt.Errorf("versions from %s: an empty page that says more follow", from)
+		}
+		last := versions.Entries[len(versions.Entries)-1].Key
+		if last <= list.After {
+			return applied, fmt.Errorf("versions from %s: a page ending at %q, not after %q", from, last, list.After)
+		}
+		list.After = last
+	}
+}
+
+// newerThanLocal returns the keys of a page of a peer's versions that the
+// peer holds newer than this node does.
+func (c *Cluster) newerThanLocal(from string, page []transport.Entry) ([]string, error) {
+	keys := make([]string, len(page))
+	for i, we := range page {
+		keys[i] = we.Key
+	}
+	local, err := c.cfg.Local.LookupVersions(keys)
+	if err != nil {
+		return nil, err
+	}
+	have := make(map[string]storage.Version, len(local))
+	for _, e := range local {
+		have[e.Key] = e.Version
+	}
+	var want []string
+	for _, we := range page {
+		v := storage.Version(we.Version)
+		if v.IsZero() {
+			return nil, fmt.Errorf("versions from %s: %q without a version", from, we.Key)
+		}
+		if cur, ok := have[we.Key]; !ok || cur.Less(v) {
+			want = append(want, we.Key)
+		}
+	}
+	return want, nil
+}
+
+// pullKeys fetches the entries of keys from a peer, a page at a time, and
+// applies them here in term epoch.
+func (c *Cluster) pullKeys(ctx context.Context, from string, env *envelope, epoch uint64, keys []string) (int, error) {
+	req := transport.Sync{}
+	if env != nil {
+		req.HasEnvelope, req.Envelope = true, *env
+	}
+	// A request of keys stays small too: 1024 keys of at most 4 KiB.
+	const chunk = 1024
+	applied := 0
+	for len(keys) > 0 {
+		req.Keys = keys[:min(chunk, len(keys))]
+		reply, err := c.cfg.Peers.Entries(ctx, from, req)
+		c.note(from, err)
+		if err != nil {
+			return applied, err
+		}
+		if reply.Covered < 1 || reply.Covered > len(req.Keys) {
+			return applied, fmt.Errorf("entries from %s: a page covering %d of %d keys", from, reply.Covered, len(req.Keys))
+		}
+		keys = keys[reply.Covered:]
 		entries, err := fromWireAll(reply.Entries)
 		if err != nil {
 			return applied, fmt.Errorf("entries from %s: %w", from, err)
 		}
-		k, err := c.cfg.Local.ApplyReplicated(ctx, epoch, entries)
-		applied += k
+		n, err := c.cfg.Local.ApplyReplicated(ctx, epoch, entries)
+		applied += n
 		if err != nil {
 			return applied, err
 		}

@@ -288,9 +288,11 @@ func (db *DB) Get(key string) (Entry, error) {
 }
 
 // Scan returns up to limit live entries whose keys start with prefix and sort
-// strictly after the key after, in key order. more reports whether further
-// entries exist beyond the last one returned.
-func (db *DB) Scan(prefix, after string, limit int) (entries []Entry, more bool, err error) {
+// strictly after the key after, in key order, stopping before the page's
+// keys and values pass maxBytes (a page always holds at least one entry, so
+// a value of any size is listed; maxBytes <= 0 bounds nothing). more reports
+// whether further entries exist beyond the last one returned.
+func (db *DB) Scan(prefix, after string, limit, maxBytes int) (entries []Entry, more bool, err error) {
 	if limit <= 0 {
 		return nil, false, nil
 	}
@@ -306,18 +308,20 @@ func (db *DB) Scan(prefix, after string, limit int) (entries []Entry, more bool,
 		} else {
 			k, v = c.Seek(p)
 		}
+		size := 0
 		for ; k != nil && bytes.HasPrefix(k, p); k, v = c.Next() {
+			if _, deleted, ok := recordVersion(v); ok && deleted {
+				continue
+			}
+			if len(entries) == limit || (len(entries) > 0 && maxBytes > 0 && size+len(k)+len(v) > maxBytes) {
+				more = true
+				return nil
+			}
 			e, err := decodeRecord(string(k), v)
 			if err != nil {
 				return err
 			}
-			if e.Deleted {
-				continue
-			}
-			if len(entries) == limit {
-				more = true
-				return nil
-			}
+			size += len(k) + len(v)
 			entries = append(entries, e)
 		}
 		return nil

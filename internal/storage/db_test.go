@@ -126,7 +126,7 @@ func TestDB_Delete_TombstoneHidesKeyAndKeepsOrder(t *testing.T) {
 	if _, err := db.Get("a"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("Get after delete: %v", err)
 	}
-	if got, _, _ := db.Scan("", "", 10); len(got) != 0 {
+	if got, _, _ := db.Scan("", "", 10, 0); len(got) != 0 {
 		t.Fatalf("Scan shows tombstone: %+v", got)
 	}
 	// Re-creating gets a higher version than the tombstone.
@@ -161,7 +161,7 @@ func TestDB_Scan_PrefixAfterLimit(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(fmt.Sprintf("%s|%s|%d", tt.prefix, tt.after, tt.limit), func(t *testing.T) {
-			got, more, err := db.Scan(tt.prefix, tt.after, tt.limit)
+			got, more, err := db.Scan(tt.prefix, tt.after, tt.limit, 0)
 			if err != nil {
 				t.Fatal(err)
 			}

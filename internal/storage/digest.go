@@ -122,61 +122,125 @@ func (db *DB) Lookup(key string) (e Entry, found bool, err error) {
 	return e, found, nil
 }
 
-// PartitionEntries returns every entry, tombstones included, of the given
-// partitions, in key order. It reads the whole file once, so callers ask
-// for many partitions at a time rather than one by one.
-func (db *DB) PartitionEntries(parts []int) ([]Entry, error) {
-	return db.scanPartitions(parts, true)
+// PartitionEntries returns a page of the entries, tombstones included, of
+// the given partitions whose keys sort after the key after, in key order,
+// stopping before the page's keys and values pass maxBytes (at least one
+// entry; maxBytes <= 0 bounds nothing). more reports whether entries remain
+// after the last one returned: ask again with after set to its key. The
+// pages of one listing read the file once in all, so callers ask for many
+// partitions at a time rather than one by one.
+func (db *DB) PartitionEntries(parts []int, after string, maxBytes int) (entries []Entry, more bool, err error) {
+	return db.scanPartitions(parts, after, maxBytes, true)
 }
 
 // PartitionVersions is PartitionEntries without the values: each entry's
-// key, version and tombstone flag, for comparing replicas cheaply.
-func (db *DB) PartitionVersions(parts []int) ([]Entry, error) {
-	return db.scanPartitions(parts, false)
+// key, version and tombstone flag, for comparing replicas cheaply. maxBytes
+// counts keys plus a fixed cost per entry.
+func (db *DB) PartitionVersions(parts []int, after string, maxBytes int) (entries []Entry, more bool, err error) {
+	return db.scanPartitions(parts, after, maxBytes, false)
 }
 
-func (db *DB) scanPartitions(parts []int, values bool) ([]Entry, error) {
+// versionCost is what an entry without its value counts towards a page.
+const versionCost = 24
+
+func (db *DB) scanPartitions(parts []int, after string, maxBytes int, values bool) ([]Entry, bool, error) {
 	if db.opts.Partitions == 0 {
-		return nil, fmt.Errorf("storage: partition scan: %w: the DB keeps no partitions", ErrInvalidMutation)
+		return nil, false, fmt.Errorf("storage: partition scan: %w: the DB keeps no partitions", ErrInvalidMutation)
 	}
 	want := make([]bool, db.opts.Partitions)
 	for _, p := range parts {
 		if p < 0 || p >= len(want) {
-			return nil, fmt.Errorf("storage: partition scan: %w: partition %d outside [0, %d)", ErrInvalidMutation, p, len(want))
+			return nil, false, fmt.Errorf("storage: partition scan: %w: partition %d outside [0, %d)", ErrInvalidMutation, p, len(want))
 		}
 		want[p] = true
 	}
-	var out []Entry
+	var (
+		out  []Entry
+		more bool
+	)
 	err := db.bolt.View(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketKV).ForEach(func(k, raw []byte) error {
+		c := tx.Bucket(bucketKV).Cursor()
+		k, raw := c.First()
+		if after != "" {
+			if k, raw = c.Seek([]byte(after)); k != nil && string(k) == after {
+				k, raw = c.Next()
+			}
+		}
+		size := 0
+		for ; k != nil; k, raw = c.Next() {
 			if !want[db.partition(string(k))] {
+				continue
+			}
+			cost := len(k) + versionCost
+			if values {
+				cost += len(raw)
+			}
+			if len(out) > 0 && maxBytes > 0 && size+cost > maxBytes {
+				more = true
 				return nil
 			}
+			size += cost
 			if values {
 				e, err := decodeRecord(string(k), raw)
 				if err != nil {
 					return err
 				}
 				out = append(out, e)
-				return nil
+				continue
 			}
 			v, deleted, ok := recordVersion(raw)
 			if !ok {
 				return fmt.Errorf("%w: key %q", ErrCorrupt, k)
 			}
 			out = append(out, Entry{Key: string(k), Version: v, Deleted: deleted})
-			return nil
-		})
+		}
+		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("storage: partition scan: %w", err)
+		return nil, false, fmt.Errorf("storage: partition scan: %w", err)
 	}
-	return out, nil
+	return out, more, nil
 }
 
-// LookupMany is Lookup for many keys in one read transaction; keys never
-// written are left out.
-func (db *DB) LookupMany(keys []string) ([]Entry, error) {
+// LookupMany is Lookup for a prefix of keys in one read transaction,
+// stopping before the values would pass maxBytes (it always covers at
+// least one key; maxBytes <= 0 bounds nothing): covered says how many of
+// keys it answered. Keys never written are left out. The sizes are read
+// from the file before anything is copied, so a page of large values costs
+// what it returns.
+func (db *DB) LookupMany(keys []string, maxBytes int) (entries []Entry, covered int, err error) {
+	err = db.bolt.View(func(tx *bolt.Tx) error {
+		kv := tx.Bucket(bucketKV)
+		size := 0
+		for _, key := range keys {
+			raw := kv.Get([]byte(key))
+			if covered > 0 && maxBytes > 0 && size+len(key)+len(raw) > maxBytes {
+				return nil
+			}
+			covered++
+			if raw == nil {
+				continue
+			}
+			size += len(key) + len(raw)
+			e, err := decodeRecord(key, raw)
+			if err != nil {
+				return err
+			}
+			entries = append(entries, e)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, 0, fmt.Errorf("storage: lookup many: %w", err)
+	}
+	return entries, covered, nil
+}
+
+// LookupVersions is Lookup without the values, for many keys in one read
+// transaction: each written key's version and tombstone flag. Keys never
+// written are left out. Comparing versions this way costs the keys, not
+// the values.
+func (db *DB) LookupVersions(keys []string) ([]Entry, error) {
 	out := make([]Entry, 0, len(keys))
 	err := db.bolt.View(func(tx *bolt.Tx) error {
 		kv := tx.Bucket(bucketKV)
@@ -185,16 +249,16 @@ func (db *DB) LookupMany(keys []string) ([]Entry, error) {
 			if raw == nil {
 				continue
 			}
-			e, err := decodeRecord(key, raw)
-			if err != nil {
-				return err
+			v, deleted, ok := recordVersion(raw)
+			if !ok {
+				return fmt.Errorf("%w: key %q", ErrCorrupt, key)
 			}
-			out = append(out, e)
+			out = append(out, Entry{Key: key, Version: v, Deleted: deleted})
 		}
 		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("storage: lookup many: %w", err)
+		return nil, fmt.Errorf("storage: lookup versions: %w", err)
 	}
 	return out, nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/cespare/xxhash/v2"
@@ -66,7 +67,7 @@ func TestDigests_MatchAcrossPathsAndReopen(t *testing.T) {
 	}
 	// PartitionEntries returns exactly the partition's keys, tombstones too.
 	p := a.partition("k3")
-	es, err := a.PartitionEntries([]int{p})
+	es, _, err := a.PartitionEntries([]int{p}, "", 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -152,5 +153,118 @@ func TestBeforeSync_ReservedVersionsNeverReused(t *testing.T) {
 	}
 	if res.Entry.Version.Seq <= early[len(early)-1].Seq+reserveBlock/2 {
 		t.Fatalf("after reopen version %s, not above the reservation covering %s", res.Entry.Version, early[len(early)-1])
+	}
+}
+
+// Paged reads stop before a page passes its byte bound (but always hold
+// one entry, so any value is listed), and the pages of a listing cover
+// every entry exactly once.
+func TestPages_BoundedByBytes_CoverEverythingOnce(t *testing.T) {
+	ctx := context.Background()
+	db, err := Open(t.TempDir(), partitionedOpts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var entries []Entry
+	for i := range 60 {
+		size := 10
+		if i%10 == 0 {
+			size = 50 << 10 // a value larger than the smallest bound below
+		}
+		entries = append(entries, Entry{Key: fmt.Sprintf("k%02d", i), Value: []byte(`"` + strings.Repeat("x", size) + `"`), Version: Version{Epoch: 1, Seq: uint64(i + 1)}, Deleted: i%7 == 3})
+	}
+	if _, err := db.ApplyReplicated(ctx, 1, entries); err != nil {
+		t.Fatal(err)
+	}
+	all := make([]int, 7)
+	for p := range all {
+		all[p] = p
+	}
+	type pager func(after string, maxBytes int) (keys []string, size int, more bool, err error)
+	cost := func(e Entry, values bool) int {
+		if !values {
+			return len(e.Key) + versionCost
+		}
+		return len(e.Key) + len(e.Value) + recordHeader
+	}
+	partitionPager := func(values bool) pager {
+		return func(after string, maxBytes int) ([]string, int, bool, error) {
+			page, more, err := db.PartitionVersions(all, after, maxBytes)
+			if values {
+				page, more, err = db.PartitionEntries(all, after, maxBytes)
+			}
+			var keys []string
+			size := 0
+			for _, e := range page {
+				keys, size = append(keys, e.Key), size+cost(e, values)
+			}
+			return keys, size, more, err
+		}
+	}
+	scanPager := func(after string, maxBytes int) ([]string, int, bool, error) {
+		page, more, err := db.Scan("", after, 1000, maxBytes)
+		var keys []string
+		size := 0
+		for _, e := range page {
+			keys, size = append(keys, e.Key), size+cost(e, true)
+		}
+		return keys, size, more, err
+	}
+	live := 0
+	for _, e := range entries {
+		if !e.Deleted {
+			live++
+		}
+	}
+	tests := []struct {
+		name     string
+		page     pager
+		maxBytes int
+		want     int // entries listed in all
+	}{
+		{"versions, 200-byte pages", partitionPager(false), 200, len(entries)},
+		{"entries, 1 KiB pages", partitionPager(true), 1 << 10, len(entries)},
+		{"entries, 100 KiB pages", partitionPager(true), 100 << 10, len(entries)},
+		{"scan, 1 KiB pages", scanPager, 1 << 10, live},
+		{"scan, unbounded", scanPager, 0, live},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			seen := map[string]bool{}
+			for after, more := "", true; more; {
+				keys, size, m, err := tt.page(after, tt.maxBytes)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if len(keys) == 0 {
+					t.Fatalf("empty page after %q", after)
+				}
+				if tt.maxBytes > 0 && len(keys) > 1 && size > tt.maxBytes {
+					t.Fatalf("page of %d entries, %d bytes, bound %d", len(keys), size, tt.maxBytes)
+				}
+				for _, k := range keys {
+					if seen[k] || k <= after {
+						t.Fatalf("%s listed twice or out of order (after %q)", k, after)
+					}
+					seen[k] = true
+				}
+				after, more = keys[len(keys)-1], m
+			}
+			if len(seen) != tt.want {
+				t.Fatalf("listed %d entries, want %d", len(seen), tt.want)
+			}
+		})
+	}
+	// LookupMany covers a prefix of the keys within the bound, at least one.
+	keys := []string{"k00", "k01", "nope", "k10", "k11"}
+	got, covered, err := db.LookupMany(keys, 1<<10)
+	if err != nil || covered != 1 || len(got) != 1 || got[0].Key != "k00" {
+		t.Fatalf("LookupMany with a 1 KiB bound: %d entries covering %d keys, %v; want k00 alone", len(got), covered, err)
+	}
+	// k10's 50 KiB value would pass the bound: the page stops before it.
+	got, covered, err = db.LookupMany(keys[1:], 1<<10)
+	if err != nil || covered != 2 || len(got) != 1 {
+		t.Fatalf("LookupMany(k01, nope, k10, k11) with a 1 KiB bound: %d entries covering %d keys, %v; want k01 covering 2", len(got), covered, err)
 	}
 }

@@ -115,7 +115,7 @@ func checkScan(t *testing.T, db *DB, model map[string]modelEntry, page int) {
 	var got []string
 	after := ""
 	for {
-		es, more, err := db.Scan("", after, page)
+		es, more, err := db.Scan("", after, page, 0)
 		if err != nil {
 			t.Fatal(err)
 		}

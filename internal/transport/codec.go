@@ -13,7 +13,7 @@ import (
 //
 // Every message starts with codecVersion, so a node can refuse a body of a
 // format it does not know instead of misreading it.
-const codecVersion = 1
+const codecVersion = 2
 
 // errDecode wraps every decoding failure of a peer's body.
 var errDecode = errors.New("transport: malformed message")

@@ -285,6 +285,10 @@ func serve(w http.ResponseWriter, r *http.Request, maxBody int64, errOf ErrorFun
 	if err == nil {
 		err = unmarshal(body, req)
 	}
+	if _, tooLarge := errors.AsType[*http.MaxBytesError](err); tooLarge {
+		writeError(w, &Error{Status: http.StatusRequestEntityTooLarge, Code: CodeTooLarge, Message: fmt.Sprintf("%s: the call exceeds %d bytes", r.URL.Path, maxBody)})
+		return
+	}
 	if err != nil {
 		writeError(w, &Error{Status: http.StatusBadRequest, Code: "invalid_rpc", Message: fmt.Sprintf("%s: %v", r.URL.Path, err)})
 		return
@@ -298,6 +302,10 @@ func serve(w http.ResponseWriter, r *http.Request, maxBody int64, errOf ErrorFun
 	w.WriteHeader(http.StatusOK)
 	_, _ = w.Write(marshal(reply))
 }
+
+// CodeTooLarge is the code of a call refused for its size (413): its
+// sender must send it smaller, never again unchanged.
+const CodeTooLarge = "rpc_too_large"
 
 func writeError(w http.ResponseWriter, e *Error) {
 	if e.Status < 400 || e.Status > 599 {

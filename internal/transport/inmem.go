@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -20,6 +22,10 @@ type InMem struct {
 	mu    sync.Mutex
 	nodes map[string]Services
 	fault func(Call) Fault
+	// limit, when positive, is the receivers' size limit (SetLimit);
+	// largest is the largest call or reply carried.
+	limit   int64
+	largest atomic.Int64
 }
 
 // Call names one call for a fault function.
@@ -72,6 +78,19 @@ func (m *InMem) SetFault(f func(Call) Fault) {
 	defer m.mu.Unlock()
 	m.fault = f
 }
+
+// SetLimit makes every receiver refuse a call, and every caller a reply,
+// larger than n encoded bytes (0: no limit), as the real handler and
+// client do with MaxMessageBytes: a sender that builds a message past
+// what a peer accepts fails in tests as it would on the wire.
+func (m *InMem) SetLimit(n int64) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.limit = n
+}
+
+// Largest is the size of the largest encoded call or reply carried so far.
+func (m *InMem) Largest() int64 { return m.largest.Load() }
 
 // Client returns the client that node from calls its peers with. It has
 // the same methods as HTTP.
@@ -173,7 +192,7 @@ func (c *InMemClient) ReadIndex(ctx context.Context, to string, ri ReadIndex) (R
 func (c *InMemClient) call(ctx context.Context, to, path string, req, reply message, serve func(Services, message) (message, error)) error {
 	c.net.mu.Lock()
 	node, ok := c.net.nodes[to]
-	fault := c.net.fault
+	fault, limit := c.net.fault, c.net.limit
 	c.net.mu.Unlock()
 	var f Fault
 	if fault != nil {
@@ -185,8 +204,13 @@ func (c *InMemClient) call(ctx context.Context, to, path string, req, reply mess
 	if !hold(ctx, f.Delay) {
 		return notSent(fmt.Errorf("%s: %w", to, ctx.Err()))
 	}
+	body := marshal(req)
+	c.net.noteSize(len(body))
+	if limit > 0 && int64(len(body)) > limit {
+		return &Error{Status: http.StatusRequestEntityTooLarge, Code: CodeTooLarge, Message: fmt.Sprintf("a call of %d bytes, the limit is %d", len(body), limit)}
+	}
 	in := fresh(req)
-	if err := unmarshal(marshal(req), in); err != nil {
+	if err := unmarshal(body, in); err != nil {
 		return err
 	}
 	out, err := serve(node, in)
@@ -207,7 +231,21 @@ func (c *InMemClient) call(ctx context.Context, to, path string, req, reply mess
 		}
 		return &back
 	}
-	return unmarshal(marshal(out), reply)
+	body = marshal(out)
+	c.net.noteSize(len(body))
+	if limit > 0 && int64(len(body)) > limit {
+		return fmt.Errorf("%s: reply of %d bytes exceeds %d bytes", to, len(body), limit)
+	}
+	return unmarshal(body, reply)
+}
+
+func (m *InMem) noteSize(n int) {
+	for {
+		cur := m.largest.Load()
+		if int64(n) <= cur || m.largest.CompareAndSwap(cur, int64(n)) {
+			return
+		}
+	}
 }
 
 // hold waits d (if positive) and reports whether ctx is still live.

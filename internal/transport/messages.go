@@ -204,3 +204,17 @@ type empty struct{}
 
 func (*empty) encode(*encoder) {}
 func (*empty) decode(*decoder) {}
+
+// PageBytes bounds the entries of one paged call or reply: a replication
+// batch, an Entries page, a List page. A page stops before it would pass
+// PageBytes, except that it always holds one entry, so a value of any
+// allowed size still moves; a call or reply is therefore at most
+// MaxMessageBytes.
+const PageBytes = 8 << 20
+
+// MaxMessageBytes is the largest call or reply a node sends or accepts
+// when values are at most maxValue bytes: one page, one more value, and
+// room for keys and framing. Receivers size their limits with it, so
+// nothing a sender builds within the pages' bounds is ever refused for
+// its size.
+func MaxMessageBytes(maxValue int64) int64 { return PageBytes + maxValue + 1<<20 }

@@ -93,8 +93,10 @@ type Sync struct {
 	Envelope    Envelope
 	Partitions  []int
 	// VersionsOnly asks for the partitions' keys and versions without
-	// values; Keys asks for exactly these keys, values included.
+	// values, a page of those sorting after After (EntriesReply.More says
+	// another follows); Keys asks for exactly these keys, values included.
 	VersionsOnly bool
+	After        string
 	Keys         []string
 }
 
@@ -106,6 +108,7 @@ func (m *Sync) encode(e *encoder) {
 		e.uvarint(uint64(max(p, 0)))
 	}
 	e.bool(m.VersionsOnly)
+	e.str(m.After)
 	e.uvarint(uint64(len(m.Keys)))
 	for _, k := range m.Keys {
 		e.str(k)
@@ -119,7 +122,7 @@ func (m *Sync) decode(d *decoder) {
 	for i := range m.Partitions {
 		m.Partitions[i] = int(min(d.uvarint(), 1<<31))
 	}
-	m.VersionsOnly = d.bool()
+	m.VersionsOnly, m.After = d.bool(), d.str()
 	m.Keys = make([]string, d.count(1))
 	for i := range m.Keys {
 		m.Keys[i] = d.str()
@@ -149,26 +152,29 @@ func (m *DigestsReply) decode(d *decoder) {
 	}
 }
 
-// EntriesReply is the entries asked for. With Sync.Keys, Covered says how
-// many of the asked keys it answers (a prefix of the list: a peer stops
-// adding entries once the reply is large); the caller asks again for the
-// rest.
+// EntriesReply is the entries asked for, one page of at most about
+// PageBytes. With Sync.Keys, Covered says how many of the asked keys it
+// answers (a prefix of the list); the caller asks again for the rest. With
+// Sync.VersionsOnly, More says versions remain after the last entry.
 type EntriesReply struct {
 	Envelope
 	Entries []Entry
 	Covered int
+	More    bool
 }
 
 func (m *EntriesReply) encode(e *encoder) {
 	m.Envelope.encode(e)
 	encodeEntries(e, m.Entries)
 	e.uvarint(uint64(max(m.Covered, 0)))
+	e.bool(m.More)
 }
 
 func (m *EntriesReply) decode(d *decoder) {
 	m.Envelope.decode(d)
 	m.Entries = decodeEntries(d)
 	m.Covered = int(min(d.uvarint(), 1<<31))
+	m.More = d.bool()
 }
 
 // ReadIndex asks the leader for the committed versions of keys.

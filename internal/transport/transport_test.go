@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -196,20 +197,28 @@ func TestHTTP_NotSentOnlyWhenNeverSent(t *testing.T) {
 	}
 }
 
-// A body that is not ours, or too big, is refused with 400, and the
-// service never sees it; a JSON error from a peer's HTTP layer keeps its
+// A body that is not ours is refused with 400, one too big with 413
+// rpc_too_large (its sender must split it, not resend it), and the service
+// never sees either; a JSON error from a peer's HTTP layer keeps its
 // status and code.
 func TestHandler_RefusesBadBodies(t *testing.T) {
 	called := false
 	_, url := newPeer(t, service{write: func(Write) (WriteReply, error) { called = true; return WriteReply{}, nil }})
-	for _, body := range []string{`{"key":"k"}`, "", strings.Repeat("x", 2<<20)} {
-		resp, err := http.Post(url+WritePath, contentType, strings.NewReader(body))
+	for _, tt := range []struct {
+		body   string
+		status int
+	}{{`{"key":"k"}`, 400}, {"", 400}, {strings.Repeat("x", 2<<20), 413}} {
+		resp, err := http.Post(url+WritePath, contentType, strings.NewReader(tt.body))
 		if err != nil {
 			t.Fatal(err)
 		}
+		b, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
-		if resp.StatusCode != 400 {
-			t.Errorf("body of %d bytes: %d", len(body), resp.StatusCode)
+		if resp.StatusCode != tt.status {
+			t.Errorf("body of %d bytes: %d, want %d", len(tt.body), resp.StatusCode, tt.status)
+		}
+		if te, _ := errors.AsType[*Error](decodeError("n1", resp.StatusCode, resp.Header.Get("Content-Type"), b)); tt.status == 413 && (te == nil || te.Code != CodeTooLarge) {
+			t.Errorf("body of %d bytes answered %+v, want code %s", len(tt.body), te, CodeTooLarge)
 		}
 	}
 	if called {
