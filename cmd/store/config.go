@@ -49,6 +49,9 @@ type config struct {
 	debugListen string
 	// replicationQueueBytes caps what waits in memory for one follower.
 	replicationQueueBytes int64
+	// tombstoneTTL is how old a tombstone (or a copy a member no longer
+	// owns) must be before the leader collects it.
+	tombstoneTTL time.Duration
 	// peerCarrier is how calls to other nodes travel: "stream" (one
 	// multiplexed connection per peer, internal/peerhttp) or "h2c"
 	// (unencrypted HTTP/2 from net/http), kept to measure one against the
@@ -96,6 +99,7 @@ var envFor = map[string]string{
 	"debug-listen":            "STORE_DEBUG_LISTEN",
 	"peer-carrier":            "STORE_PEER_CARRIER",
 	"replication-queue-bytes": "STORE_REPLICATION_QUEUE_BYTES",
+	"tombstone-ttl":           "STORE_TOMBSTONE_TTL",
 	"shutdown-delay":          "STORE_SHUTDOWN_DELAY",
 	"replication-factor":      "STORE_REPLICATION_FACTOR",
 	"replication-timeout":     "STORE_REPLICATION_TIMEOUT",
@@ -128,6 +132,7 @@ func parseConfig(args []string, getenv func(string) string, hostname string, std
 	fs.DurationVar(&c.retryPeriod, "retry-period", 2*time.Second, "interval between Lease attempts (env STORE_RETRY_PERIOD)")
 	var tokenFile, members string
 	fs.Int64Var(&c.replicationQueueBytes, "replication-queue-bytes", 32<<20, "bytes of entries the leader keeps in memory for one follower that lags; past it the follower is repaired from disk (env STORE_REPLICATION_QUEUE_BYTES)")
+	fs.DurationVar(&c.tombstoneTTL, "tombstone-ttl", 0, "how old a deleted key's tombstone, or a copy a member no longer owns, must be before the leader collects it on every member; at least twice --replication-timeout; 0 (the default for now) keeps them: see the README's Limits (env STORE_TOMBSTONE_TTL)")
 	fs.StringVar(&c.peerCarrier, "peer-carrier", "stream", "how calls to other nodes travel: stream (one multiplexed connection per peer) or h2c (unencrypted HTTP/2); every node accepts both (env STORE_PEER_CARRIER)")
 	fs.StringVar(&c.debugListen, "debug-listen", "", "serve Go profiling (/debug/pprof/) on this `host:port`; off when empty (env STORE_DEBUG_LISTEN)")
 	fs.StringVar(&members, "members", "", "fixed member set: comma-separated identities of all nodes, e.g. store-1,store-2,store-3; for clusters outside a StatefulSet (env STORE_MEMBERS)")
@@ -181,6 +186,12 @@ func parseConfig(args []string, getenv func(string) string, hostname string, std
 	}
 	if c.replicationQueueBytes < 1<<20 || c.replicationQueueBytes > 4<<30 {
 		return config{}, bad("replication-queue-bytes", "%d must be from 1 MiB (1048576) to 4 GiB", c.replicationQueueBytes)
+	}
+	// A version is collected only once it is older than the TTL; no write
+	// may still be on its way to a replica by then (stand-ins are sent
+	// within the replication timeout).
+	if c.tombstoneTTL != 0 && (c.tombstoneTTL < time.Second || c.tombstoneTTL < 2*c.replicationTimeout) {
+		return config{}, bad("tombstone-ttl", "%s must be 0 (keep them) or at least 1s and at least twice --replication-timeout (%s)", c.tombstoneTTL, c.replicationTimeout)
 	}
 	if c.peerCarrier != "stream" && c.peerCarrier != "h2c" {
 		return config{}, bad("peer-carrier", "%q is not stream or h2c", c.peerCarrier)

@@ -61,6 +61,9 @@ func TestParseConfig(t *testing.T) {
 			func(c config) bool { return c.replicationQueueBytes == 8<<20 && c.peerCarrier == "h2c" }, ""},
 		{"queue bytes too small", []string{"--replication-queue-bytes", "1000"}, nil, nil, "--replication-queue-bytes"},
 		{"unknown carrier", []string{"--peer-carrier", "grpc"}, nil, nil, "--peer-carrier"},
+		{"tombstone ttl default: keep them", nil, nil, func(c config) bool { return c.tombstoneTTL == 0 }, ""},
+		{"tombstone ttl from env", nil, map[string]string{"STORE_TOMBSTONE_TTL": "30s"}, func(c config) bool { return c.tombstoneTTL == 30*time.Second }, ""},
+		{"tombstone ttl under twice the replication timeout", []string{"--tombstone-ttl", "9s"}, nil, nil, "--tombstone-ttl"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

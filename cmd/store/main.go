@@ -259,6 +259,7 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 			Leadership:        elector,
 			Peers:             replPeers,
 			QueueBytes:        cfg.replicationQueueBytes,
+			TombstoneTTL:      cfg.tombstoneTTL,
 			Logger:            log,
 			Registerer:        reg,
 		})

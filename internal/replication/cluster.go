@@ -84,6 +84,8 @@ type Local interface {
 	Lookup(key string) (storage.Entry, bool, error)
 	LookupMany(keys []string, maxBytes int) ([]storage.Entry, int, error)
 	LookupVersions(keys []string) ([]storage.Entry, error)
+	LastSeq() uint64
+	TombstonesUpTo(maxSeq uint64, after string, maxBytes int) ([]storage.Entry, bool, error)
 	Changed() <-chan struct{}
 }
 
@@ -129,8 +131,16 @@ type ClusterConfig struct {
 	// MaxBatchBytes caps one replication batch. Default
 	// DefaultMaxBatchBytes.
 	MaxBatchBytes int
-	Logger        *slog.Logger
-	Registerer    prometheus.Registerer
+	// TombstoneTTL is how old a version must be before collection may
+	// remove it: a tombstone, or a copy on a member that no longer owns
+	// its partition. It must outlast any write still on its way (see
+	// DESIGN.md, "Collection"). Zero collects nothing.
+	TombstoneTTL time.Duration
+	// CollectInterval is how often the leader runs a collection round.
+	// Default a tenth of TombstoneTTL, at least a second.
+	CollectInterval time.Duration
+	Logger          *slog.Logger
+	Registerer      prometheus.Registerer
 }
 
 // Cluster is one node's part in replication: as leader it replicates each
@@ -151,6 +161,7 @@ type Cluster struct {
 	gate     *termGate   // leader: catch-up before a term's first write
 	ri       *readIndex  // strong reads, on both sides
 	repair   *repairer   // follower: anti-entropy against the leader
+	gc       *collector  // leader: tombstones and moved copies
 
 	// born anchors monotonic times kept in atomics: lastContact is the
 	// time since born of the last admitted leader message (0: none). A
@@ -196,6 +207,9 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 	if cfg.StandInAfter <= 0 {
 		cfg.StandInAfter = 500 * time.Millisecond
 	}
+	if cfg.CollectInterval <= 0 {
+		cfg.CollectInterval = max(cfg.TombstoneTTL/10, time.Second)
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -211,6 +225,7 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 	c.ri = newReadIndex(c)
 	c.repair = &repairer{c: c}
 	c.repair.want() // a pass at start
+	c.gc = &collector{c: c}
 	repl, err := newReplicator(replicatorConfig{
 		Self:  cfg.Self,
 		Peers: cfg.Peers,
@@ -236,6 +251,9 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 func (c *Cluster) Start() {
 	c.wg.Go(func() { c.repl.heartbeats(c.ctx, c.cfg.HeartbeatInterval, c.WriteGate, c.members) })
 	c.wg.Go(func() { c.repair.run(c.ctx) })
+	if c.cfg.TombstoneTTL > 0 {
+		c.wg.Go(func() { c.gc.run(c.ctx) })
+	}
 }
 
 // Close stops the loops, the catch-up, the read-index sender and the

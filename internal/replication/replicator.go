@@ -297,8 +297,11 @@ type peer struct {
 	r      *replicator
 	queue  chan *pending
 	queued atomic.Int64 // bytes of the entries in queue
-	behind atomic.Bool
-	start  sync.Once // starts the sender on the first entry
+	// enqueued and finished count entries put in the queue and entries
+	// whose delivery ended (sent, refused or dropped); see barrier.
+	enqueued, finished atomic.Uint64
+	behind             atomic.Bool
+	start              sync.Once // starts the sender on the first entry
 
 	// beat is held while a heartbeat to the follower is out: one at a time.
 	beat sync.Mutex
@@ -339,12 +342,42 @@ func (p *peer) enqueue(e *pending) bool {
 	}
 	select {
 	case p.queue <- e:
+		p.enqueued.Add(1)
 		return true
 	default:
 		p.queued.Add(-size)
 		p.full("entries")
 		return false
 	}
+}
+
+// barrier returns once every entry queued for any follower before the call
+// has finished its delivery (sent, refused, or dropped with the queue), or
+// when ctx ends. Queues are FIFO, so nothing queued before the barrier can
+// reach a follower after it returns; collection depends on that.
+func (r *replicator) barrier(ctx context.Context) error {
+	r.mu.Lock()
+	type mark struct {
+		p      *peer
+		target uint64
+	}
+	var marks []mark
+	for _, p := range r.peers {
+		marks = append(marks, mark{p, p.enqueued.Load()})
+	}
+	r.mu.Unlock()
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for _, m := range marks {
+		for m.p.finished.Load() < m.target {
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("entries queued for %s still on their way: %w", m.p.id, ctx.Err())
+			case <-t.C:
+			}
+		}
+	}
+	return nil
 }
 
 // full marks the follower behind: it missed an entry, which only its
@@ -482,6 +515,7 @@ func (p *peer) run() {
 			}
 		}
 		p.deliver(batch)
+		p.finished.Add(uint64(len(batch)))
 	}
 }
 
@@ -493,6 +527,7 @@ func (p *peer) drain() {
 		case e := <-p.queue:
 			p.dequeued(e)
 			e.end(errReplicatorClosed)
+			p.finished.Add(1)
 		default:
 			return
 		}

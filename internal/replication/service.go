@@ -19,6 +19,10 @@ func (s replicaService) Replicate(ctx context.Context, b transport.Batch) (trans
 	return s.c.follower.Replicate(ctx, b)
 }
 
+func (s replicaService) Forget(ctx context.Context, b transport.Batch) (transport.BatchReply, error) {
+	return s.c.follower.Forget(ctx, b)
+}
+
 // authority decides whether a sync request may be answered: a catching up
 // leader's envelope must pass the fence; without one, this node must be
 // the caught-up leader, whose envelope heads the reply.

@@ -80,6 +80,9 @@ type clusterMetrics struct {
 	repairedPartitions prometheus.Counter
 	readIndexBatch     prometheus.Histogram
 	standIns           prometheus.Counter
+	// Leader: what collection removed.
+	tombstonesCollected prometheus.Counter
+	movedDropped        prometheus.Counter
 }
 
 func newClusterMetrics(reg prometheus.Registerer, c *Cluster) *clusterMetrics {
@@ -111,12 +114,20 @@ func newClusterMetrics(reg prometheus.Registerer, c *Cluster) *clusterMetrics {
 			Name: "store_replication_repaired_partitions_total",
 			Help: "Partitions this follower found different from the leader's and pulled.",
 		}),
+		tombstonesCollected: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "store_replication_tombstones_collected_total",
+			Help: "Tombstones this leader collected on every member (older than --tombstone-ttl, every copy settled).",
+		}),
+		movedDropped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "store_replication_moved_copies_dropped_total",
+			Help: "Copies this leader had members drop from partitions they no longer own, once the owners held them.",
+		}),
 	}
 	if reg == nil {
 		return m
 	}
 	self := c.cfg.Self
-	reg.MustRegister(m.replicate, m.catchUp, m.repairedKeys, m.repairedPartitions, m.readIndexBatch, m.standIns,
+	reg.MustRegister(m.replicate, m.catchUp, m.repairedKeys, m.repairedPartitions, m.readIndexBatch, m.standIns, m.tombstonesCollected, m.movedDropped,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "store_replication_partitions_owned",
 			Help: "Partitions this node owns under the current ring.",

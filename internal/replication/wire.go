@@ -16,6 +16,7 @@ import (
 // other error means the peer may have served it.
 type Peers interface {
 	Replicate(ctx context.Context, to string, b transport.Batch) (transport.BatchReply, error)
+	Forget(ctx context.Context, to string, b transport.Batch) (transport.BatchReply, error)
 	Digests(ctx context.Context, to string, s transport.Sync) (transport.DigestsReply, error)
 	Entries(ctx context.Context, to string, s transport.Sync) (transport.EntriesReply, error)
 	ReadIndex(ctx context.Context, to string, r transport.ReadIndex) (transport.ReadIndexReply, error)
@@ -105,6 +106,9 @@ type Applier interface {
 	// ApplyReplicated durably applies newer entries; it refuses an older
 	// term with storage.ErrStaleEpoch.
 	ApplyReplicated(ctx context.Context, epoch uint64, entries []storage.Entry) (int, error)
+	// Forget durably removes the records still exactly at the entries'
+	// versions, under the same fence.
+	Forget(ctx context.Context, epoch uint64, entries []storage.Entry) (int, error)
 	// FenceEpoch is the newest term admitted.
 	FenceEpoch() uint64
 }
@@ -148,6 +152,38 @@ func (f *receiver) Replicate(ctx context.Context, b transport.Batch) (transport.
 	}
 	if err != nil {
 		return transport.BatchReply{}, fmt.Errorf("apply batch: %w", err)
+	}
+	return transport.BatchReply{Applied: n, Fence: f.DB.FenceEpoch()}, nil
+}
+
+// Forget is the member's side of the leader's collection (see gc.go): it
+// admits the envelope like a batch and removes the records still exactly
+// at the entries' versions.
+func (f *receiver) Forget(ctx context.Context, b transport.Batch) (transport.BatchReply, error) {
+	env := b.Envelope
+	if env.Epoch == 0 || env.Leader == "" {
+		return transport.BatchReply{}, fmt.Errorf("%w: forget without epoch or leader", ErrInvalidCall)
+	}
+	entries := make([]storage.Entry, len(b.Entries))
+	for i, w := range b.Entries {
+		v := storage.Version(w.Version)
+		if w.Key == "" || v.Epoch == 0 || v.Seq == 0 {
+			return transport.BatchReply{}, fmt.Errorf("%w: forget of an entry without key or version", ErrInvalidCall)
+		}
+		entries[i] = storage.Entry{Key: w.Key, Version: v, Deleted: w.Deleted}
+	}
+	if err := f.Fence.Admit(env); err != nil {
+		return transport.BatchReply{}, &StaleError{Fence: f.DB.FenceEpoch(), Err: err}
+	}
+	if f.OnAdmit != nil {
+		f.OnAdmit(env)
+	}
+	n, err := f.DB.Forget(ctx, env.Epoch, entries)
+	if errors.Is(err, storage.ErrStaleEpoch) {
+		return transport.BatchReply{}, &StaleError{Fence: f.DB.FenceEpoch(), Err: err}
+	}
+	if err != nil {
+		return transport.BatchReply{}, fmt.Errorf("forget: %w", err)
 	}
 	return transport.BatchReply{Applied: n, Fence: f.DB.FenceEpoch()}, nil
 }

@@ -142,9 +142,11 @@ type DB struct {
 	reserved, seqFloor uint64
 
 	// digests and the change broadcast; see digest.go.
-	digMu   sync.Mutex
-	digests []uint64
-	changed chan struct{}
+	// tombstones counts the deleted keys still kept, under digMu.
+	digMu      sync.Mutex
+	digests    []uint64
+	tombstones int
+	changed    chan struct{}
 }
 
 // request is one unit of work for the committer: a local Mutation, or (when
@@ -162,6 +164,8 @@ type replBatch struct {
 	epoch   uint64
 	entries []Entry
 	applied int
+	// forget removes the entries' records instead of storing them.
+	forget bool
 }
 
 // Open opens (creating if needed) the store in dir.
@@ -397,6 +401,29 @@ func (db *DB) ApplyReplicated(ctx context.Context, epoch uint64, entries []Entry
 	return r.repl.applied, nil
 }
 
+// Forget durably removes the records of entries, each only if its key
+// still holds exactly that version and tombstone flag, on behalf of the
+// leader of term epoch (which passes the fence as ApplyReplicated does),
+// and returns how many it removed. Replication uses it to collect
+// tombstones no replica needs any more and to drop copies a node no longer
+// owns; its callers carry the argument for why nothing can come back
+// (internal/replication/DESIGN.md).
+func (db *DB) Forget(ctx context.Context, epoch uint64, entries []Entry) (forgot int, err error) {
+	if epoch == 0 {
+		return 0, fmt.Errorf("storage: forget: %w: epoch 0", ErrInvalidMutation)
+	}
+	for _, e := range entries {
+		if e.Key == "" || len(e.Key) > MaxKeyBytes || e.Version.IsZero() {
+			return 0, fmt.Errorf("storage: forget: %w: entry without key or version, or key over %d bytes", ErrInvalidMutation, MaxKeyBytes)
+		}
+	}
+	r := &request{repl: &replBatch{epoch: epoch, entries: entries, forget: true}, done: make(chan struct{})}
+	if err := db.submit(ctx, r); err != nil {
+		return 0, fmt.Errorf("storage: forget: %w", err)
+	}
+	return r.repl.applied, nil
+}
+
 // FenceEpoch returns the newest leadership term this node has admitted,
 // locally or by replication. It survives restarts.
 func (db *DB) FenceEpoch() uint64 {
@@ -530,9 +557,12 @@ func (db *DB) commit(batch []*request) {
 				r.err = fmt.Errorf("%w: term %d, this node has admitted term %d", ErrStaleEpoch, epoch, fence)
 				continue
 			}
-			if r.repl != nil {
+			switch {
+			case r.repl != nil && r.repl.forget:
+				r.err = applyForget(kv, r.repl, &changes)
+			case r.repl != nil:
 				r.err = applyReplicated(kv, &seq, r.repl, &changes)
-			} else {
+			default:
 				r.res, r.err = applyIdempotent(kv, reqs, &seq, r.m, start, &changes)
 			}
 			if r.err == nil {
@@ -625,13 +655,13 @@ func applyIdempotent(kv *bolt.Bucket, reqs requestBuckets, seq *uint64, m Mutati
 func applyOne(kv *bolt.Bucket, seq *uint64, m Mutation, changes *[]change) (Result, error) {
 	key := []byte(m.Key)
 	var cur, stored Version
-	exists := false
+	exists, storedDeleted := false, false
 	if raw := kv.Get(key); raw != nil {
 		v, deleted, ok := recordVersion(raw)
 		if !ok {
 			return Result{}, fmt.Errorf("%w: key %q", ErrCorrupt, m.Key)
 		}
-		stored = v
+		stored, storedDeleted = v, deleted
 		if !deleted {
 			cur, exists = v, true
 		}
@@ -654,7 +684,7 @@ func applyOne(kv *bolt.Bucket, seq *uint64, m Mutation, changes *[]change) (Resu
 		*seq--
 		return Result{}, err
 	}
-	*changes = append(*changes, change{key: m.Key, old: stored, new: v})
+	*changes = append(*changes, change{key: m.Key, old: stored, oldDeleted: storedDeleted, new: v, newDeleted: m.Delete})
 	e := Entry{Key: m.Key, Version: v, Deleted: m.Delete}
 	if !m.Delete {
 		e.Value = append([]byte(nil), m.Value...)
@@ -681,10 +711,13 @@ func applyReplicated(kv *bolt.Bucket, seq *uint64, b *replBatch, changes *[]chan
 			return fmt.Errorf("%w: replicated entry without key or version", ErrInvalidMutation)
 		}
 		key := []byte(e.Key)
-		var cur Version
+		var (
+			cur        Version
+			curDeleted bool
+		)
 		if raw := kv.Get(key); raw != nil {
 			var ok bool
-			if cur, _, ok = recordVersion(raw); !ok {
+			if cur, curDeleted, ok = recordVersion(raw); !ok {
 				return fmt.Errorf("%w: key %q", ErrCorrupt, e.Key)
 			}
 			if !cur.Less(e.Version) {
@@ -694,8 +727,34 @@ func applyReplicated(kv *bolt.Bucket, seq *uint64, b *replBatch, changes *[]chan
 		if err := kv.Put(key, encodeRecord(e.Version, e.Value, e.Deleted)); err != nil {
 			return err
 		}
-		*changes = append(*changes, change{key: e.Key, old: cur, new: e.Version})
+		*changes = append(*changes, change{key: e.Key, old: cur, oldDeleted: curDeleted, new: e.Version, newDeleted: e.Deleted})
 		*seq = max(*seq, e.Version.Seq)
+		b.applied++
+	}
+	return nil
+}
+
+// applyForget removes the record of each entry whose key still holds
+// exactly that version (and tombstone flag); anything else, a newer write
+// above all, is left alone.
+func applyForget(kv *bolt.Bucket, b *replBatch, changes *[]change) error {
+	b.applied = 0
+	for _, e := range b.entries {
+		raw := kv.Get([]byte(e.Key))
+		if raw == nil {
+			continue
+		}
+		cur, deleted, ok := recordVersion(raw)
+		if !ok {
+			return fmt.Errorf("%w: key %q", ErrCorrupt, e.Key)
+		}
+		if cur != e.Version || deleted != e.Deleted {
+			continue
+		}
+		if err := kv.Delete([]byte(e.Key)); err != nil {
+			return err
+		}
+		*changes = append(*changes, change{key: e.Key, old: cur, oldDeleted: deleted})
 		b.applied++
 	}
 	return nil

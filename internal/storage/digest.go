@@ -9,11 +9,13 @@ import (
 	bolt "go.etcd.io/bbolt"
 )
 
-// change is one key's move from version old (zero: absent) to new, noted
-// by the committer so digests follow every commit.
+// change is one key's move from version old (zero: absent) to new (zero:
+// forgotten), noted by the committer so digests and the tombstone count
+// follow every commit.
 type change struct {
-	key      string
-	old, new Version
+	key                    string
+	old, new               Version
+	oldDeleted, newDeleted bool
 }
 
 // entryHash is what a (key, version) pair contributes to its partition's
@@ -29,27 +31,34 @@ func entryHash(key string, v Version) uint64 {
 	return d.Sum64()
 }
 
-// loadDigests builds the partition digests from the file once, at Open;
-// commits keep them current after that.
+// loadDigests builds the partition digests and counts the tombstones from
+// the file once, at Open; commits keep both current after that.
 func (db *DB) loadDigests() error {
-	if db.opts.Partitions == 0 {
-		return nil
+	var dig []uint64
+	if db.opts.Partitions > 0 {
+		dig = make([]uint64, db.opts.Partitions)
 	}
-	dig := make([]uint64, db.opts.Partitions)
+	tombs := 0
 	err := db.bolt.View(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketKV).ForEach(func(k, raw []byte) error {
-			v, _, ok := recordVersion(raw)
+			v, deleted, ok := recordVersion(raw)
 			if !ok {
 				return fmt.Errorf("%w: key %q", ErrCorrupt, k)
 			}
-			dig[db.partition(string(k))] ^= entryHash(string(k), v)
+			if deleted {
+				tombs++
+			}
+			if dig != nil {
+				dig[db.partition(string(k))] ^= entryHash(string(k), v)
+			}
 			return nil
 		})
 	})
 	if err != nil {
 		return fmt.Errorf("build partition digests: %w", err)
 	}
-	db.digests = dig
+	db.digests, db.tombstones = dig, tombs
+	db.metrics.setTombstones(tombs)
 	return nil
 }
 
@@ -70,18 +79,73 @@ func (db *DB) noteChanges(changes []change) {
 		return
 	}
 	db.digMu.Lock()
-	if db.digests != nil {
-		for _, c := range changes {
-			p := db.partition(c.key)
-			if !c.old.IsZero() {
-				db.digests[p] ^= entryHash(c.key, c.old)
-			}
+	for _, c := range changes {
+		if !c.old.IsZero() && c.oldDeleted {
+			db.tombstones--
+		}
+		if !c.new.IsZero() && c.newDeleted {
+			db.tombstones++
+		}
+		if db.digests == nil {
+			continue
+		}
+		p := db.partition(c.key)
+		if !c.old.IsZero() {
+			db.digests[p] ^= entryHash(c.key, c.old)
+		}
+		if !c.new.IsZero() {
 			db.digests[p] ^= entryHash(c.key, c.new)
 		}
 	}
+	db.metrics.setTombstones(db.tombstones)
 	close(db.changed)
 	db.changed = make(chan struct{})
 	db.digMu.Unlock()
+}
+
+// Tombstones is how many deleted keys this node still keeps a tombstone of.
+func (db *DB) Tombstones() int {
+	db.digMu.Lock()
+	defer db.digMu.Unlock()
+	return db.tombstones
+}
+
+// TombstonesUpTo returns a page of the tombstones whose seq is at most
+// maxSeq and whose keys sort after the key after, in key order, of at most
+// about maxBytes of keys; more reports whether the scan stopped before the
+// end of the file. Collection works through the file with it a page per
+// round.
+func (db *DB) TombstonesUpTo(maxSeq uint64, after string, maxBytes int) (entries []Entry, more bool, err error) {
+	err = db.bolt.View(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bucketKV).Cursor()
+		k, raw := c.First()
+		if after != "" {
+			if k, raw = c.Seek([]byte(after)); k != nil && string(k) == after {
+				k, raw = c.Next()
+			}
+		}
+		size := 0
+		for ; k != nil; k, raw = c.Next() {
+			v, deleted, ok := recordVersion(raw)
+			if !ok {
+				return fmt.Errorf("%w: key %q", ErrCorrupt, k)
+			}
+			if !deleted || v.Seq > maxSeq {
+				continue
+			}
+			if len(entries) > 0 && size+len(k)+versionCost > maxBytes {
+				more = true
+				return nil
+			}
+			size += len(k) + versionCost
+			entries = append(entries, Entry{Key: string(k), Version: v, Deleted: true})
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, false, fmt.Errorf("storage: tombstones: %w", err)
+	}
+	return entries, more, nil
 }
 
 // Changed returns a channel that is closed by the next commit that changes

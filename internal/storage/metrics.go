@@ -9,6 +9,7 @@ import (
 type metrics struct {
 	commitSeconds prometheus.Histogram
 	batchSize     prometheus.Histogram
+	tombstones    prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -27,9 +28,15 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help:      "Mutations carried by one group-commit transaction.",
 			Buckets:   prometheus.ExponentialBuckets(1, 2, 11), // 1 .. 1024
 		}),
+		tombstones: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "store",
+			Subsystem: "storage",
+			Name:      "tombstones",
+			Help:      "Deleted keys whose tombstone this node still keeps (collection removes them; see internal/replication/DESIGN.md).",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.commitSeconds, m.batchSize)
+		reg.MustRegister(m.commitSeconds, m.batchSize, m.tombstones)
 	}
 	return m
 }
@@ -38,3 +45,5 @@ func (m *metrics) observeCommit(d time.Duration, n int) {
 	m.commitSeconds.Observe(d.Seconds())
 	m.batchSize.Observe(float64(n))
 }
+
+func (m *metrics) setTombstones(n int) { m.tombstones.Set(float64(n)) }

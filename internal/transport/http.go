@@ -275,6 +275,10 @@ func NewHandler(s Services, maxBody int64) http.Handler {
 			var m ReadIndex
 			serve(w, r, maxBody, errOf, &m, func(ctx context.Context) (message, error) { rep, err := svc.ReadIndex(ctx, m); return &rep, err })
 		})
+		route(ForgetPath, func(w http.ResponseWriter, r *http.Request) {
+			var m Batch
+			serve(w, r, maxBody, errOf, &m, func(ctx context.Context) (message, error) { rep, err := svc.Forget(ctx, m); return &rep, err })
+		})
 	}
 	return mux
 }

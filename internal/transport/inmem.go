@@ -186,6 +186,16 @@ func (c *InMemClient) ReadIndex(ctx context.Context, to string, ri ReadIndex) (R
 	return r, err
 }
 
+// Forget is HTTP.Forget over the in-memory network.
+func (c *InMemClient) Forget(ctx context.Context, to string, b Batch) (BatchReply, error) {
+	var r BatchReply
+	err := c.call(ctx, to, ForgetPath, &b, &r, func(s Services, req message) (message, error) {
+		rep, err := s.Replica.Forget(ctx, *req.(*Batch))
+		return &rep, err
+	})
+	return r, err
+}
+
 // call encodes req, applies the fault, decodes it into a fresh message of
 // the same type for the peer (so neither side shares memory with the
 // other), serves it and brings the reply back the same way.

@@ -8,10 +8,11 @@ const (
 	DigestsPath   = "/internal/v1/digests"
 	EntriesPath   = "/internal/v1/entries"
 	ReadIndexPath = "/internal/v1/read-index"
+	ForgetPath    = "/internal/v1/forget"
 )
 
 // ReplicaPaths lists the replication calls NewHandler serves (all POST).
-var ReplicaPaths = []string{ReplicatePath, DigestsPath, EntriesPath, ReadIndexPath}
+var ReplicaPaths = []string{ReplicatePath, DigestsPath, EntriesPath, ReadIndexPath, ForgetPath}
 
 // Envelope heads every leader-to-follower message: the sender's term and
 // identity, which the follower admits through its fence.
@@ -229,6 +230,12 @@ type ReplicaService interface {
 	Entries(ctx context.Context, s Sync) (EntriesReply, error)
 	// ReadIndex (leader only) answers committed versions.
 	ReadIndex(ctx context.Context, r ReadIndex) (ReadIndexReply, error)
+	// Forget admits the batch's envelope through the fence and durably
+	// removes the records of its entries (keys and versions; no values)
+	// that are still exactly at those versions: the leader's collection
+	// of tombstones and of copies a member no longer owns. Applied counts
+	// the records removed.
+	Forget(ctx context.Context, b Batch) (BatchReply, error)
 }
 
 // Replicate sends a batch (or a heartbeat) to the follower to.
@@ -253,4 +260,10 @@ func (c *HTTP) Entries(ctx context.Context, to string, s Sync) (EntriesReply, er
 func (c *HTTP) ReadIndex(ctx context.Context, to string, ri ReadIndex) (ReadIndexReply, error) {
 	var r ReadIndexReply
 	return r, c.call(ctx, to, ReadIndexPath, &ri, &r)
+}
+
+// Forget asks the member to to remove the records of b's entries.
+func (c *HTTP) Forget(ctx context.Context, to string, b Batch) (BatchReply, error) {
+	var r BatchReply
+	return r, c.call(ctx, to, ForgetPath, &b, &r)
 }
