@@ -351,13 +351,23 @@ func (c *Cluster) Write(ctx context.Context, epoch uint64, ack AckLevel, key str
 		}
 	}
 	targets, need, commitAt := c.placement(key, ack)
+	// An owner whose queue is full cannot take the entry; a live non-owner
+	// stands in for it, as for an owner known down (not for ack=all, which
+	// promises owners).
+	var fallback func() []string
+	if ack != AckAll {
+		fallback = func() []string { return c.standIns(key, targets) }
+	}
 	var (
 		p      *pending
 		subErr error
 	)
-	res, err := apply(func(r storage.Result) {
-		p, subErr = c.repl.Submit(epoch, r.Entry, targets, need, commitAt, step)
-	})
+	submit := func(e storage.Entry) {
+		var standIns int
+		p, standIns, subErr = c.repl.Submit(epoch, e, targets, fallback, need, commitAt, step)
+		c.m.standIns.Add(float64(standIns))
+	}
+	res, err := apply(func(r storage.Result) { submit(r.Entry) })
 	if err != nil {
 		release()
 		return res, err
@@ -376,7 +386,7 @@ func (c *Cluster) Write(ctx context.Context, epoch uint64, ack AckLevel, key str
 			}
 			entry = cur
 		}
-		p, subErr = c.repl.Submit(epoch, entry, targets, need, commitAt, step)
+		submit(entry)
 	}
 	step() // the leader's copy is durable
 	if subErr != nil {

@@ -168,7 +168,7 @@ var errReplicatorClosed = fmt.Errorf("%w: replicator closed", ErrAckTimeout)
 // at once). It returns an error wrapping ErrAckTimeout if ctx ends first and
 // storage.ErrStaleEpoch if a follower has admitted a newer term.
 func (r *replicator) Replicate(ctx context.Context, epoch uint64, e storage.Entry, to []string, need int) error {
-	p, err := r.Submit(epoch, e, to, need, need, nil)
+	p, _, err := r.Submit(epoch, e, to, nil, need, need, nil)
 	if err != nil {
 		return err
 	}
@@ -178,10 +178,14 @@ func (r *replicator) Replicate(ctx context.Context, epoch uint64, e storage.Entr
 // Submit queues e for every follower in to (this node and duplicates are
 // skipped) and returns at once. Wait blocks until need followers have made
 // it durable; onCommit, if set, runs once (on a sender goroutine) when
-// commitAt of them have, even if nobody waits any more. It fails with
-// ErrAckTimeout when fewer than need followers can take the entry now.
-func (r *replicator) Submit(epoch uint64, e storage.Entry, to []string, need, commitAt int, onCommit func()) (*pending, error) {
-	p := &pending{
+// commitAt of them have, even if nobody waits any more. When fewer than
+// need of to can take the entry now (a queue is full: a follower that
+// stopped answering but is not known down yet), members of fallback take
+// it in their place, in order, as many as are missing; standIns says how
+// many did. It fails with ErrAckTimeout when fewer than need followers in
+// all can take the entry now.
+func (r *replicator) Submit(epoch uint64, e storage.Entry, to []string, fallback func() []string, need, commitAt int, onCommit func()) (p *pending, standIns int, err error) {
+	p = &pending{
 		epoch: epoch, entry: toWire(e), need: int32(need), commitAt: int32(commitAt), onCommit: onCommit,
 		done: make(chan struct{}), stale: make(chan struct{}), ended: make(chan struct{}),
 	}
@@ -191,10 +195,21 @@ func (r *replicator) Submit(epoch uint64, e storage.Entry, to []string, need, co
 	if commitAt <= 0 {
 		p.commit()
 	}
-	if sent := r.Extend(p, to); sent < need {
-		return nil, fmt.Errorf("%w: %d of %d followers can take the entry now", ErrAckTimeout, sent, need)
+	sent := r.Extend(p, to)
+	if sent < need && fallback != nil {
+		owners := sent
+		for _, id := range fallback() {
+			if sent >= need {
+				break
+			}
+			sent = r.Extend(p, []string{id})
+		}
+		standIns = sent - owners
 	}
-	return p, nil
+	if sent < need {
+		return nil, standIns, fmt.Errorf("%w: %d of %d followers can take the entry now", ErrAckTimeout, sent, need)
+	}
+	return p, standIns, nil
 }
 
 // Extend queues p for more followers (stand-ins for owners that do not

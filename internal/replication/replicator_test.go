@@ -254,13 +254,13 @@ func TestReplicator_RefusedBatch_SplitNeverResentUnchanged(t *testing.T) {
 	defer cancel()
 	var ps []*pending
 	for i := range 8 {
-		p, err := r.Submit(1, entry(fmt.Sprintf("k%d", i), fmt.Sprint(i), 1, uint64(i+1)), []string{"a"}, 1, 1, nil)
+		p, _, err := r.Submit(1, entry(fmt.Sprintf("k%d", i), fmt.Sprint(i), 1, uint64(i+1)), []string{"a"}, nil, 1, 1, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
 		ps = append(ps, p)
 	}
-	poison, err := r.Submit(1, entry("poison", "1", 1, 9), []string{"a"}, 1, 1, nil)
+	poison, _, err := r.Submit(1, entry("poison", "1", 1, 9), []string{"a"}, nil, 1, 1, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
