@@ -49,12 +49,21 @@ type cluster struct {
 	// statefulSet, when set, makes the nodes learn their members from that
 	// StatefulSet (--statefulset) instead of --members.
 	statefulSet string
+	// opts are the build and environment every node runs with.
+	opts storeOptions
 }
 
 func startCluster(t *testing.T, n int, extraArgs ...string) *cluster {
 	t.Helper()
+	return startClusterWith(t, storeOptions{}, n, extraArgs...)
+}
+
+// startClusterWith is startCluster with a chosen build and environment for
+// the nodes.
+func startClusterWith(t *testing.T, opts storeOptions, n int, extraArgs ...string) *cluster {
+	t.Helper()
 	cp := kubetest.Start(t)
-	c := &cluster{t: t, cp: cp, nodes: map[string]*proc{}, dirs: map[string]string{}, extraArgs: extraArgs}
+	c := &cluster{t: t, cp: cp, nodes: map[string]*proc{}, dirs: map[string]string{}, extraArgs: extraArgs, opts: opts}
 	if err := cp.ApplyRBAC(context.Background(), testNS); err != nil {
 		t.Fatal(err)
 	}
@@ -136,7 +145,7 @@ func (c *cluster) start(id string) *proc {
 	} else {
 		args = append(args, "--members", strings.Join(c.memberIDs, ","))
 	}
-	p := startStore(c.t, args...)
+	p := startStoreWith(c.t, c.opts, args...)
 	c.nodes[id] = p
 	return p
 }

@@ -18,19 +18,33 @@ import (
 	"time"
 )
 
-// storeBinary builds the real store command once per test run.
-var storeBinary = sync.OnceValues(func() (string, error) {
+// storeBinary builds the real store command once per test run, with the
+// race detector.
+var storeBinary = sync.OnceValues(func() (string, error) { return buildStore("-race") })
+
+// storeBinaryNoRace is the store built as it ships, for measurements the
+// race detector would distort (its shadow memory is a multiple of the heap).
+var storeBinaryNoRace = sync.OnceValues(func() (string, error) { return buildStore() })
+
+func buildStore(flags ...string) (string, error) {
 	dir, err := os.MkdirTemp("", "store-bin-")
 	if err != nil {
 		return "", err
 	}
 	bin := filepath.Join(dir, "store")
-	out, err := exec.Command("go", "build", "-race", "-o", bin, ".").CombinedOutput()
+	out, err := exec.Command("go", append(append([]string{"build"}, flags...), "-o", bin, ".")...).CombinedOutput()
 	if err != nil {
 		return "", fmt.Errorf("go build: %v\n%s", err, out)
 	}
 	return bin, nil
-})
+}
+
+// storeOptions are how a test runs the binary: which build (default
+// storeBinary) and extra environment variables (KEY=value).
+type storeOptions struct {
+	binary func() (string, error)
+	env    []string
+}
 
 // proc is one running store process.
 type proc struct {
@@ -47,11 +61,23 @@ type proc struct {
 // for its "serving" log line, which carries the bound address.
 func startStore(t *testing.T, args ...string) *proc {
 	t.Helper()
-	bin, err := storeBinary()
+	return startStoreWith(t, storeOptions{}, args...)
+}
+
+// startStoreWith is startStore with a chosen build and environment.
+func startStoreWith(t *testing.T, o storeOptions, args ...string) *proc {
+	t.Helper()
+	if o.binary == nil {
+		o.binary = storeBinary
+	}
+	bin, err := o.binary()
 	if err != nil {
 		t.Fatal(err)
 	}
 	cmd := exec.Command(bin, append([]string{"--listen", "127.0.0.1:0", "--log-format", "json"}, args...)...)
+	if len(o.env) > 0 {
+		cmd.Env = append(os.Environ(), o.env...)
+	}
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
