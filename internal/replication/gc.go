@@ -42,10 +42,25 @@ type seqSample struct {
 // interval, until ctx ends.
 func (g *collector) run(ctx context.Context) {
 	c := g.c
+	// Sampling has its own loop: a round can wait a long time for a
+	// member that is down, and the horizon must keep moving meanwhile.
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() {
+		t := time.NewTicker(c.cfg.CollectInterval)
+		defer t.Stop()
+		for {
+			g.sample()
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+		}
+	})
 	t := time.NewTicker(c.cfg.CollectInterval)
 	defer t.Stop()
 	for {
-		g.sample()
 		if epoch, open := c.WriteGate(); open {
 			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 			if err := g.once(cctx, epoch); err != nil && ctx.Err() == nil {

@@ -58,11 +58,17 @@ func TestCollect_OwnerMissedDeletes_ThenLeads_NothingResurrected(t *testing.T) {
 	for i := range 20 {
 		del(t, leader, fmt.Sprintf("k%d", i))
 	}
-	time.Sleep(400 * time.Millisecond) // past the TTL: the horizon covers the deletes
+	// Wait until the horizon (versions at least the TTL old) covers the
+	// deletes, so only the member that is down holds collection back.
+	last := leader.db.LastSeq()
+	for deadline := time.Now().Add(5 * time.Second); leader.c.gc.horizon() < last; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the horizon stayed at %d, below the deletes' %d", leader.c.gc.horizon(), last)
+		}
+	}
 	epoch, _ := leader.c.WriteGate()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	leader.c.gc.sample()
 	if err := leader.c.gc.once(ctx, epoch); err == nil {
 		t.Fatal("a collection round succeeded with a member down")
 	}
