@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/statefulkv/store/internal/replication"
 	"github.com/statefulkv/store/internal/storage"
 	"github.com/statefulkv/store/internal/transport"
 )
@@ -77,7 +78,7 @@ func OutcomeOf(err error) Outcome {
 		return Unknown
 	case errors.Is(err, ErrNotLeader), errors.Is(err, ErrNoLeader), errors.Is(err, storage.ErrStaleEpoch),
 		errors.Is(err, storage.ErrClosed), errors.Is(err, ErrTooStale), errors.Is(err, ErrReadUnconfirmed),
-		errors.Is(err, transport.ErrNotSent):
+		errors.Is(err, transport.ErrNotSent), errors.Is(err, replication.ErrNotCaughtUp):
 		return NotApplied
 	case errors.Is(err, storage.ErrConditionFailed), errors.Is(err, storage.ErrNotFound),
 		errors.Is(err, storage.ErrRequestIDReused), errors.Is(err, storage.ErrInvalidMutation):

@@ -57,6 +57,9 @@ type Replication interface {
 	Write(ctx context.Context, epoch uint64, ack replication.AckLevel, key string, apply func(beforeSync func(storage.Result)) (storage.Result, error)) (storage.Result, error)
 	// Owners lists the key's owners, primary first.
 	Owners(key string) []string
+	// AwaitCaughtUp returns once the leader of term epoch holds every
+	// partition's writes of earlier terms (what a listing needs).
+	AwaitCaughtUp(ctx context.Context, epoch uint64) error
 	// ReadStrong and ReadStale read this node's replica; see their docs.
 	ReadStrong(ctx context.Context, key string) (storage.Entry, bool, error)
 	ReadStale(key string) (storage.Entry, bool, time.Duration, error)

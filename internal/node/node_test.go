@@ -100,8 +100,9 @@ type fakeReplication struct {
 func (r *fakeReplication) Write(_ context.Context, _ uint64, _ replication.AckLevel, _ string, apply func(func(storage.Result)) (storage.Result, error)) (storage.Result, error) {
 	return apply(nil)
 }
-func (r *fakeReplication) Owners(key string) []string { return r.owners(key) }
-func (r *fakeReplication) Members() []string          { return r.members }
+func (r *fakeReplication) AwaitCaughtUp(context.Context, uint64) error { return nil }
+func (r *fakeReplication) Owners(key string) []string                  { return r.owners(key) }
+func (r *fakeReplication) Members() []string                           { return r.members }
 func (r *fakeReplication) LastContact() time.Duration {
 	if c := r.contact.Load(); c != nil {
 		return *c

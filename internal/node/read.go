@@ -269,13 +269,13 @@ func (n *Node) List(ctx context.Context, opts ListOptions, o Origin) (res ListRe
 	}
 	ctx, cancel := context.WithTimeout(ctx, n.cfg.ForwardTimeout)
 	defer cancel()
-	_, leader, local, err := n.route(ctx, o)
+	epoch, leader, local, err := n.route(ctx, o)
 	served := false
 	switch {
 	case err != nil:
 		return ListResult{}, err
 	case local:
-		return n.listLocal(opts)
+		return n.listAtLeader(ctx, epoch, opts)
 	case o.Redirect:
 		return ListResult{}, &Redirect{To: leader, Leader: true}
 	}
@@ -285,7 +285,8 @@ func (n *Node) List(ctx context.Context, opts ListOptions, o Origin) (res ListRe
 		reply, err = n.cfg.Peers.List(ctx, to, transport.List{From: n.cfg.Self, Prefix: opts.Prefix, After: opts.After, Limit: opts.Limit, SeenEpoch: seen})
 		return err
 	}, func() (err error) {
-		res, err = n.listLocal(opts)
+		epoch, _ := n.cfg.Leadership.WriteGate()
+		res, err = n.listAtLeader(ctx, epoch, opts)
 		served = true
 		return err
 	})
@@ -297,6 +298,18 @@ func (n *Node) List(ctx context.Context, opts ListOptions, o Origin) (res ListRe
 		out.Entries[i] = storage.Entry{Key: it.Key, Version: storage.Version(it.Version), Value: it.Value}
 	}
 	return out, nil
+}
+
+// listAtLeader serves a page on the leader of term epoch once every
+// partition holds what earlier terms acknowledged: a page spans partitions,
+// and a new leader pulls them in the background while it accepts writes.
+func (n *Node) listAtLeader(ctx context.Context, epoch uint64, opts ListOptions) (ListResult, error) {
+	if n.cfg.Replication != nil {
+		if err := n.cfg.Replication.AwaitCaughtUp(ctx, epoch); err != nil {
+			return ListResult{}, err
+		}
+	}
+	return n.listLocal(opts)
 }
 
 // listLocal reads a page from this node's store. A page also stops before

@@ -1,6 +1,7 @@
 package replication
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -15,23 +16,59 @@ import (
 	"github.com/statefulkv/store/internal/storage"
 )
 
-// termGate holds a new leader's writes and read-index answers shut until
-// it has collected every write that earlier terms acknowledged (its
-// catch-up), once per term.
+// termGate holds a new leader's writes and read-index answers until it has
+// collected every write that earlier terms acknowledged (its catch-up),
+// once per term, partition by partition.
+//
+// Catch-up has two steps. The first, fencing the term at the members and
+// hearing every member's partition digests but one, is small whatever the
+// size of the store: it opens the gate (WriteGate). The second pulls, for
+// each partition whose digest differs at some member heard, the keys that
+// member holds newer. It runs in the background, in partition order, and a
+// write or strong read of a partition not yet pulled pulls that partition
+// first (await) instead of waiting for the rest; listings and collection,
+// which span every partition, wait for all of it (awaitAll). So the first
+// write after a crash failover waits for one partition, not for the store.
 type termGate struct {
 	c *Cluster
-	// caughtUp is the term whose catch-up finished; the gate opens only
-	// for it.
-	caughtUp atomic.Uint64
+	// fenced is the term whose first step finished: the gate is open for
+	// it. caughtUp is the term whose every partition is pulled.
+	fenced, caughtUp atomic.Uint64
+	// progress is the fenced term's per-partition state.
+	progress atomic.Pointer[termProgress]
 	// mu guards catching and the start of the catch-up goroutine (Close
 	// holds it while cancelling, so none starts after).
 	mu       sync.Mutex
 	catching uint64
 }
 
-// open reports whether term epoch's catch-up is done, starting it if not.
+// termProgress is one term's catch-up: which partitions are pulled, which
+// are being pulled, and the plan that says where to pull the rest from.
+type termProgress struct {
+	epoch uint64
+	// all is closed once every partition is pulled.
+	all chan struct{}
+	mu  sync.Mutex
+	// plan is the latest fence round's answer; a failed pull replaces it.
+	plan    *catchUpPlan
+	ready   []bool
+	pending int
+	// pulling holds, per partition being pulled, a channel closed when the
+	// pull ends (well or not).
+	pulling map[int]chan struct{}
+}
+
+// catchUpPlan is one fence round: the term's envelope and, per partition,
+// the members heard whose digest differed from this node's.
+type catchUpPlan struct {
+	env     envelope
+	sources [][]string
+}
+
+// open reports whether term epoch's first step is done, starting the
+// catch-up if not.
 func (g *termGate) open(epoch uint64) bool {
-	if g.caughtUp.Load() == epoch {
+	if g.fenced.Load() == epoch {
 		return true
 	}
 	g.start(epoch)
@@ -49,34 +86,138 @@ func (g *termGate) start(epoch uint64) {
 	g.c.wg.Go(func() { g.run(epoch) })
 }
 
-// run collects, before this node's first write of term epoch, every write
-// earlier terms acknowledged. An acknowledged write is durable on at least
-// two members, so hearing from all members but one finds each of them on
-// some member that answered. It retries, with a jittered backoff, until it
-// succeeds or the term ends.
+// await returns once key's partition holds every write earlier terms
+// acknowledged, pulling it now if the background has not yet, or fails
+// with ErrNotCaughtUp (nothing applied: the caller may retry) when the
+// pull fails, ctx ends or the term is not this node's.
+func (g *termGate) await(ctx context.Context, epoch uint64, key string) error {
+	if g.caughtUp.Load() == epoch {
+		return nil
+	}
+	tp := g.progress.Load()
+	if tp == nil || tp.epoch != epoch {
+		return fmt.Errorf("%w: %s has not fenced term %d", ErrNotCaughtUp, g.c.cfg.Self, epoch)
+	}
+	if err := g.pull(ctx, tp, g.c.cfg.Ring.Partition(key)); err != nil {
+		// %v, not %w: a deadline met while pulling is not an unknown
+		// outcome; nothing was applied.
+		return fmt.Errorf("%w: pulling the partition of %q from earlier terms: %v", ErrNotCaughtUp, key, err)
+	}
+	return nil
+}
+
+// awaitAll returns once every partition of term epoch is pulled, or fails
+// with ErrNotCaughtUp when ctx ends first or the term is not this node's.
+func (g *termGate) awaitAll(ctx context.Context, epoch uint64) error {
+	if g.caughtUp.Load() == epoch {
+		return nil
+	}
+	tp := g.progress.Load()
+	if tp == nil || tp.epoch != epoch {
+		return fmt.Errorf("%w: %s has not fenced term %d", ErrNotCaughtUp, g.c.cfg.Self, epoch)
+	}
+	select {
+	case <-tp.all:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("%w: still pulling %d partitions from earlier terms: %v", ErrNotCaughtUp, tp.left(), ctx.Err())
+	}
+}
+
+// pull brings partition p level with the members of the current plan that
+// differ on it, unless it is already, or joins a pull of it under way.
+func (g *termGate) pull(ctx context.Context, tp *termProgress, p int) error {
+	for {
+		tp.mu.Lock()
+		if tp.ready[p] {
+			tp.mu.Unlock()
+			return nil
+		}
+		if done, busy := tp.pulling[p]; busy {
+			tp.mu.Unlock()
+			select {
+			case <-done:
+				continue // it may have failed; then this caller tries
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		done := make(chan struct{})
+		tp.pulling[p] = done
+		plan := tp.plan
+		tp.mu.Unlock()
+
+		n, err := g.pullFrom(ctx, plan, p)
+		g.c.m.catchUpKeys.Add(float64(n))
+		tp.mu.Lock()
+		delete(tp.pulling, p)
+		if err == nil {
+			tp.markReady(p)
+		}
+		close(done)
+		tp.mu.Unlock()
+		return err
+	}
+}
+
+// pullFrom pulls what each source of partition p in plan holds newer. A
+// plan's sources are all members heard but one, so every acknowledged
+// write of p is on this node or on a source.
+func (g *termGate) pullFrom(ctx context.Context, plan *catchUpPlan, p int) (int, error) {
+	adopted := 0
+	for _, id := range plan.sources[p] {
+		n, err := g.c.fetchNewer(ctx, id, &plan.env, plan.env.Epoch, []int{p})
+		adopted += n
+		if err != nil {
+			return adopted, fmt.Errorf("pull partition %d from %s: %w", p, id, err)
+		}
+	}
+	return adopted, nil
+}
+
+// markReady records partition p as pulled; tp.mu is held.
+func (tp *termProgress) markReady(p int) {
+	if tp.ready[p] {
+		return
+	}
+	tp.ready[p] = true
+	if tp.pending--; tp.pending == 0 {
+		close(tp.all)
+	}
+}
+
+// left counts the partitions not yet pulled.
+func (tp *termProgress) left() int {
+	tp.mu.Lock()
+	defer tp.mu.Unlock()
+	return tp.pending
+}
+
+// run collects, for term epoch, every write earlier terms acknowledged. An
+// acknowledged write is durable on at least two members, so hearing from
+// all members but one finds each of them on some member that answered. A
+// failed fence round or pull is retried, with a jittered backoff and a new
+// fence round for the partitions still to pull, until it succeeds or the
+// term ends.
 func (g *termGate) run(epoch uint64) {
 	c := g.c
 	start := time.Now()
 	backoff := wait.Backoff{Duration: 100 * time.Millisecond, Factor: 2, Jitter: 0.5, Steps: math.MaxInt32, Cap: 2 * time.Second}
+	var tp *termProgress
 	for attempt := 1; c.leads(epoch); attempt++ {
-		ctx, cancel := context.WithTimeout(c.ctx, 30*time.Second)
-		keys, err := g.once(ctx, epoch)
-		cancel()
+		err := g.once(epoch, &tp, start)
 		if err == nil {
-			// Writes of earlier terms that never committed can no longer
-			// commit through this node; forget them.
-			c.ri.forgetInflight()
 			g.caughtUp.Store(epoch)
 			c.m.catchUp.Observe(time.Since(start).Seconds())
-			c.log.Info("caught up; accepting writes", "epoch", epoch, "entries_adopted", keys, "took", time.Since(start).Round(time.Millisecond))
-			return
+			c.log.Info("caught up every partition", "epoch", epoch, "took", time.Since(start).Round(time.Millisecond))
+			break
 		}
 		if errors.Is(err, storage.ErrStaleEpoch) || c.ctx.Err() != nil {
 			c.log.Warn("catch-up stopped", "epoch", epoch, "err", err)
 			break
 		}
 		if attempt == 1 || attempt%20 == 0 {
-			c.log.Warn("catch-up incomplete; writes wait", "epoch", epoch, "attempt", attempt, "err", err)
+			c.log.Warn("catch-up incomplete; retrying", "epoch", epoch, "attempt", attempt, "writes_open", tp != nil, "err", err)
 		}
 		select {
 		case <-c.ctx.Done():
@@ -90,19 +231,83 @@ func (g *termGate) run(epoch uint64) {
 	g.mu.Unlock()
 }
 
-// once is one catch-up attempt: fence the term here and at the members,
-// hear from all but one of them, and pull what they hold newer.
-func (g *termGate) once(ctx context.Context, epoch uint64) (int, error) {
+// once is one catch-up attempt: a fence round for the partitions not yet
+// pulled, the gate opened after the first, then a pull of each of them.
+func (g *termGate) once(epoch uint64, tp **termProgress, start time.Time) error {
+	c := g.c
+	ctx, cancel := context.WithTimeout(c.ctx, 30*time.Second)
+	defer cancel()
+	plan, err := g.fence(ctx, epoch)
+	if err != nil {
+		return err
+	}
+	if *tp == nil {
+		*tp = newTermProgress(epoch, plan)
+		// Writes of earlier terms that never committed can no longer
+		// commit through this node (the fence refuses them); forget them.
+		c.ri.forgetInflight()
+		g.progress.Store(*tp)
+		g.fenced.Store(epoch)
+		c.m.writeGate.Observe(time.Since(start).Seconds())
+		c.log.Info("fenced the term; accepting writes while the rest catches up", "epoch", epoch,
+			"partitions_to_pull", (*tp).left(), "took", time.Since(start).Round(time.Millisecond))
+	} else {
+		(*tp).replan(plan)
+	}
+	for p := range c.cfg.Ring.PartitionCount() {
+		if err := g.pull(ctx, *tp, p); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func newTermProgress(epoch uint64, plan *catchUpPlan) *termProgress {
+	tp := &termProgress{epoch: epoch, all: make(chan struct{}), plan: plan, ready: make([]bool, len(plan.sources)), pending: len(plan.sources), pulling: map[int]chan struct{}{}}
+	for p, from := range plan.sources {
+		if len(from) == 0 {
+			tp.markReady(p)
+		}
+	}
+	if tp.pending == 0 {
+		// No partitions at all (markReady never ran): nothing to wait for.
+		select {
+		case <-tp.all:
+		default:
+			close(tp.all)
+		}
+	}
+	return tp
+}
+
+// replan adopts a newer fence round's plan for the partitions not yet
+// pulled. A pulled partition stays pulled: it already holds every write
+// earlier terms acknowledged, and later ones come through this leader.
+func (tp *termProgress) replan(plan *catchUpPlan) {
+	tp.mu.Lock()
+	defer tp.mu.Unlock()
+	tp.plan = plan
+	for p, from := range plan.sources {
+		if len(from) == 0 {
+			tp.markReady(p)
+		}
+	}
+}
+
+// fence holds the term here and at the members, hears from all members but
+// one, and returns which of them differ from this node on each partition.
+func (g *termGate) fence(ctx context.Context, epoch uint64) (*catchUpPlan, error) {
 	c := g.c
 	env := envelope{Epoch: epoch, Leader: c.cfg.Self}
 	// This node's own fence holds the term too, in memory and on disk: an
 	// older leader's batches, and any write of an older term still queued
-	// here, are refused from now on.
+	// here, are refused from now on. So the partitions not yet pulled
+	// change no more here, and the digests compared below stay true.
 	if err := c.fence.Admit(env); err != nil {
-		return 0, err
+		return nil, err
 	}
 	if err := c.persistFence(ctx, epoch); err != nil {
-		return 0, err
+		return nil, err
 	}
 	type answer struct {
 		id      string
@@ -130,7 +335,7 @@ func (g *termGate) once(ctx context.Context, epoch uint64) (int, error) {
 	for _, a := range answers {
 		if fence, stale := refusedTerm(a.err); stale {
 			c.cfg.Leadership.ObserveEpoch(fence)
-			return 0, fmt.Errorf("%s: %w: %w", a.id, storage.ErrStaleEpoch, a.err)
+			return nil, fmt.Errorf("%s: %w: %w", a.id, storage.ErrStaleEpoch, a.err)
 		}
 		if a.err == nil {
 			heard = append(heard, a)
@@ -143,19 +348,19 @@ func (g *termGate) once(ctx context.Context, epoch uint64) (int, error) {
 		for _, a := range answers {
 			errs = append(errs, a.err)
 		}
-		return 0, fmt.Errorf("heard from %d other members, need %d (all but one): %w", len(heard), need, errors.Join(errs...))
+		return nil, fmt.Errorf("heard from %d other members, need %d (all but one): %w", len(heard), need, errors.Join(errs...))
 	}
-	adopted := 0
+	mine := c.cfg.Local.Digests()
+	plan := &catchUpPlan{env: env, sources: make([][]string, len(mine))}
+	slices.SortFunc(heard, func(a, b answer) int { return cmp.Compare(a.id, b.id) })
 	for _, a := range heard {
-		parts, err := differing(c.cfg.Local.Digests(), a.digests, func(int) bool { return true })
+		parts, err := differing(mine, a.digests, func(int) bool { return true })
 		if err != nil {
-			return adopted, err
+			return nil, err
 		}
-		n, err := c.fetchNewer(ctx, a.id, &env, epoch, parts)
-		adopted += n
-		if err != nil {
-			return adopted, fmt.Errorf("fetch from %s: %w", a.id, err)
+		for _, p := range parts {
+			plan.sources[p] = append(plan.sources[p], a.id)
 		}
 	}
-	return adopted, nil
+	return plan, nil
 }

@@ -279,13 +279,24 @@ func (c *Cluster) leads(epoch uint64) bool {
 	return open && e == epoch
 }
 
-// WriteGate is the elector's gate, held shut until this term's catch-up has
-// finished: a new leader must hold every acknowledged write of earlier terms
-// before it decides a compare-and-set or answers a read index. The first
-// call of a term starts the catch-up.
+// WriteGate is the elector's gate, held shut until this term is fenced at
+// the members and their digests are heard (the first step of catch-up, see
+// termGate). A new leader must hold every acknowledged write of earlier
+// terms in a key's partition before it decides a compare-and-set or answers
+// a read index there: Write and the read index wait for that partition, and
+// AwaitCaughtUp for all of them. The first call of a term starts the
+// catch-up.
 func (c *Cluster) WriteGate() (epoch uint64, open bool) {
 	e, open := c.cfg.Leadership.WriteGate()
 	return e, open && c.gate.open(e)
+}
+
+// AwaitCaughtUp returns once this leader of term epoch holds every write
+// earlier terms acknowledged in every partition: what a listing, which
+// spans them all, needs. It fails with ErrNotCaughtUp (nothing served;
+// retry) when ctx ends first.
+func (c *Cluster) AwaitCaughtUp(ctx context.Context, epoch uint64) error {
+	return c.gate.awaitAll(ctx, epoch)
 }
 
 // members returns the current member set, sorted.
@@ -334,6 +345,11 @@ func (c *Cluster) Self() string { return c.cfg.Self }
 // when it left for the owners but the local commit failed: in all these
 // cases its outcome is unknown to the client.
 func (c *Cluster) Write(ctx context.Context, epoch uint64, ack AckLevel, key string, apply func(beforeSync func(storage.Result)) (storage.Result, error)) (storage.Result, error) {
+	// A compare-and-set is decided on the newest version: the key's
+	// partition must hold what earlier terms acknowledged first.
+	if err := c.gate.await(ctx, epoch, key); err != nil {
+		return storage.Result{}, err
+	}
 	// The key is in flight from before the local commit until the leader's
 	// copy is durable and the entry is committed on ⌊R/2⌋ others, so a
 	// read index never hands out a version that a crash of this node could
@@ -372,7 +388,7 @@ func (c *Cluster) Write(ctx context.Context, epoch uint64, ack AckLevel, key str
 		release()
 		return res, err
 	}
-	if p == nil && subErr == nil {
+	if p == nil {
 		// Not sent during the sync (no durable seq reservation yet, or a
 		// replayed request id): send it now.
 		entry := res.Entry
@@ -392,7 +408,10 @@ func (c *Cluster) Write(ctx context.Context, epoch uint64, ack AckLevel, key str
 	if subErr != nil {
 		// Fewer followers than need could even queue it (their queues
 		// are full: several members down). The key stays in flight until
-		// the entry commits after all, or the term ends.
+		// the entry commits after all, so a strong read never returns a
+		// version a crash of this node could take back: keep offering it
+		// to the followers as their queues drain.
+		c.wg.Go(func() { c.keepOffering(epoch, key, p, targets, fallback, release) })
 		return res, subErr
 	}
 	if ack != AckAll {
@@ -411,6 +430,33 @@ func (c *Cluster) Write(ctx context.Context, epoch uint64, ack AckLevel, key str
 	err = p.Wait(ctx)
 	c.m.replicate.WithLabelValues(ack.String()).Observe(time.Since(start).Seconds())
 	return res, err
+}
+
+// keepOffering queues p again for its targets and stand-ins, every
+// heartbeat interval, until it commits (the key leaves the in-flight set
+// with it), a newer write of the key replaces it, or the term ends; in the
+// last two cases it releases the key itself (the newer write is in flight
+// on its own, and the next term starts with a new set).
+func (c *Cluster) keepOffering(epoch uint64, key string, p *pending, targets []string, fallback func() []string, release func()) {
+	t := time.NewTicker(c.cfg.HeartbeatInterval)
+	defer t.Stop()
+	for !p.Committed() {
+		select {
+		case <-c.ctx.Done():
+			release()
+			return
+		case <-t.C:
+		}
+		cur, err := c.cfg.Local.LookupVersions([]string{key})
+		if !c.leads(epoch) || err == nil && (len(cur) == 0 || cur[0].Version != storage.Version(p.entry.Version)) {
+			release()
+			return
+		}
+		c.repl.Extend(p, targets)
+		if fallback != nil {
+			c.repl.Extend(p, fallback())
+		}
+	}
 }
 
 // standIns lists live members that are neither this node nor an owner of

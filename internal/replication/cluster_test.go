@@ -171,6 +171,19 @@ func awaitGate(t *testing.T, nd *testNode) uint64 {
 	return 0
 }
 
+// awaitCaughtUp waits until nd leads with every partition caught up, not
+// only its gate open.
+func awaitCaughtUp(t *testing.T, nd *testNode) uint64 {
+	t.Helper()
+	epoch := awaitGate(t, nd)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := nd.c.AwaitCaughtUp(ctx, epoch); err != nil {
+		t.Fatalf("%s: %v", nd.id, err)
+	}
+	return epoch
+}
+
 func put(t *testing.T, nd *testNode, ack AckLevel, key, val string) storage.Result {
 	t.Helper()
 	epoch := awaitGate(t, nd)

@@ -61,7 +61,9 @@ func (g *collector) run(ctx context.Context) {
 	t := time.NewTicker(c.cfg.CollectInterval)
 	defer t.Stop()
 	for {
-		if epoch, open := c.WriteGate(); open {
+		// Collection compares every partition with the leader's copy:
+		// only once all of them are caught up.
+		if epoch, open := c.WriteGate(); open && c.gate.caughtUp.Load() == epoch {
 			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 			if err := g.once(cctx, epoch); err != nil && ctx.Err() == nil {
 				c.log.Debug("collection skipped", "err", err)

@@ -108,7 +108,7 @@ func TestPaging_CatchUp_MoreThanAPage_EveryMessageWithinTheLimit(t *testing.T) {
 	b.load(t, nodes[1].db)
 	nodes[0].down.Store(true)
 	elect(nodes, "node-3", 2)
-	awaitGate(t, nodes[2])
+	awaitCaughtUp(t, nodes[2])
 	b.check(t, nodes[2], func(string) bool { return true })
 	if got := nodes[0].net.Largest(); got > messageLimit {
 		t.Fatalf("largest message %d bytes, limit %d", got, messageLimit)

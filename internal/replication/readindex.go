@@ -59,6 +59,9 @@ func (ri *readIndex) leaderRead(ctx context.Context, keys []string, values bool)
 	set := ri.inflight.Load()
 	entries, found = make([]storage.Entry, len(keys)), make([]bool, len(keys))
 	for i, key := range keys {
+		if err := c.gate.await(ctx, epoch, key); err != nil {
+			return nil, nil, 0, err
+		}
 		err = set.whenIdle(ctx, key, func() error {
 			if values {
 				var lerr error

@@ -183,7 +183,8 @@ func (r *replicator) Replicate(ctx context.Context, epoch uint64, e storage.Entr
 // stopped answering but is not known down yet), members of fallback take
 // it in their place, in order, as many as are missing; standIns says how
 // many did. It fails with ErrAckTimeout when fewer than need followers in
-// all can take the entry now.
+// all can take the entry now; p is then still queued where it could be,
+// and the caller may Extend it later.
 func (r *replicator) Submit(epoch uint64, e storage.Entry, to []string, fallback func() []string, need, commitAt int, onCommit func()) (p *pending, standIns int, err error) {
 	p = &pending{
 		epoch: epoch, entry: toWire(e), need: int32(need), commitAt: int32(commitAt), onCommit: onCommit,
@@ -207,7 +208,7 @@ func (r *replicator) Submit(epoch uint64, e storage.Entry, to []string, fallback
 		standIns = sent - owners
 	}
 	if sent < need {
-		return nil, standIns, fmt.Errorf("%w: %d of %d followers can take the entry now", ErrAckTimeout, sent, need)
+		return p, standIns, fmt.Errorf("%w: %d of %d followers can take the entry now", ErrAckTimeout, sent, need)
 	}
 	return p, standIns, nil
 }

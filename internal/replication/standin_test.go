@@ -2,12 +2,14 @@ package replication
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/statefulkv/store/internal/storage"
 	"github.com/statefulkv/store/internal/transport"
 )
 
@@ -87,5 +89,71 @@ func TestCluster_OwnerQueueFullBeforeKnownDown_StandInTakesQuorum_StrongReadServ
 	}
 	if e, found, _ := standIn.db.Lookup(key); !found || e.Version != res.Entry.Version {
 		t.Fatalf("the live non-owner %s holds %v (found %v), want the stand-in copy %v", standIn.id, e.Version, found, res.Entry.Version)
+	}
+}
+
+// When no follower can take a quorum write at all (every queue is full),
+// the write fails at once with an unknown outcome, and its key stays in
+// flight, since the leader's copy alone is not yet safe to read. But it must
+// not stay so for the rest of the term: once the followers drain, the
+// leader offers the entry again, it commits, and strong reads of the key
+// are served again with its version.
+func TestCluster_NoQueueTakesTheWrite_OfferedAgainOnceTheyDrain_StrongReadServed(t *testing.T) {
+	nodes := newTestClusterWith(t, 3, 2, func(c *ClusterConfig) {
+		c.QueueBytes = 1 << 20
+		c.AntiEntropyInterval = time.Hour
+	})
+	leader := nodes[0]
+	awaitGate(t, leader)
+	leader.setFault(func(c transport.Call) transport.Fault {
+		if c.From == leader.id && c.Path == transport.ReplicatePath {
+			return transport.Fault{Delay: time.Hour}
+		}
+		return transport.Fault{}
+	})
+	value := `"` + strings.Repeat("<", 256<<10) + `"`
+	for i := 0; len(leader.c.repl.Behind()) < 2; i++ {
+		if i == 40 {
+			t.Fatalf("%d writes of %d bytes did not overflow both queues of 1 MiB", i, len(value))
+		}
+		put(t, leader, AckLeader, fmt.Sprintf("fill%d", i), value)
+	}
+	const key = "refused"
+	epoch := awaitGate(t, leader)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	start := time.Now()
+	res, err := leader.c.Write(ctx, epoch, AckQuorum, key, func(beforeSync func(storage.Result)) (storage.Result, error) {
+		return leader.db.Apply(ctx, storage.Mutation{Key: key, Value: []byte(value), Epoch: epoch, BeforeSync: beforeSync})
+	})
+	if !errors.Is(err, ErrAckTimeout) || res.Entry.Version.IsZero() {
+		t.Fatalf("quorum write with every queue full: %v (version %s), want %v after the local commit", err, res.Entry.Version, ErrAckTimeout)
+	}
+	if took := time.Since(start); took > 4*time.Second {
+		t.Fatalf("the write waited %s (%v): a queue took it, so the test does not test a refusal", took, err)
+	}
+	leader.setFault(nil)
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		rctx, rcancel := context.WithTimeout(context.Background(), time.Second)
+		got, found, err := leader.c.ReadStrong(rctx, key)
+		rcancel()
+		if err == nil {
+			if !found || got.Version != res.Entry.Version {
+				t.Fatalf("strong read of %s: found %v at %s, want %s", key, found, got.Version, res.Entry.Version)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("strong read of %s still refused 20 s after the followers drained: %v", key, err)
+		}
+	}
+	for _, nd := range nodes[1:] {
+		if !slices.Contains(leader.c.Owners(key), nd.id) {
+			continue
+		}
+		if e, found, _ := nd.db.Lookup(key); !found || e.Version != res.Entry.Version {
+			t.Fatalf("owner %s holds %s (found %v), want %s", nd.id, e.Version, found, res.Entry.Version)
+		}
 	}
 }

@@ -12,8 +12,13 @@ type Status struct {
 	ReplicationFactor int `json:"replication_factor"`
 	// FactorMet is false when there are fewer members than the factor.
 	FactorMet bool `json:"replication_factor_met"`
-	// CaughtUpEpoch is the term whose catch-up this node finished (leader).
+	// CaughtUpEpoch is the term whose catch-up this node finished (leader):
+	// every partition holds what earlier terms acknowledged.
 	CaughtUpEpoch uint64 `json:"caught_up_epoch,omitempty"`
+	// CatchingUpPartitions is how many partitions a leader that accepts
+	// writes is still pulling from earlier terms (each is pulled at once
+	// when a request needs it).
+	CatchingUpPartitions int `json:"catching_up_partitions,omitempty"`
 	// LastContactMs is the time since this node heard from a leader.
 	LastContactMs int64 `json:"last_contact_ms"`
 	// LastRepair is when this node last completed a repair pass against
@@ -46,6 +51,9 @@ func (c *Cluster) Status() Status {
 		LastContactMs:     min(c.LastContact(), 365*24*time.Hour).Milliseconds(),
 		Behind:            c.repl.Behind(),
 	}
+	if tp := c.gate.progress.Load(); tp != nil && tp.epoch == c.gate.fenced.Load() && st.CaughtUpEpoch != tp.epoch {
+		st.CatchingUpPartitions = tp.left()
+	}
 	if t := c.repair.lastPass(); !t.IsZero() {
 		lr := t.UTC()
 		st.LastRepair = &lr
@@ -76,6 +84,8 @@ func (c *Cluster) partitionsPerMember() map[string]int {
 type clusterMetrics struct {
 	replicate          *prometheus.HistogramVec
 	catchUp            prometheus.Histogram
+	writeGate          prometheus.Histogram
+	catchUpKeys        prometheus.Counter
 	repairedKeys       prometheus.Counter
 	repairedPartitions prometheus.Counter
 	readIndexBatch     prometheus.Histogram
@@ -94,8 +104,17 @@ func newClusterMetrics(reg prometheus.Registerer, c *Cluster) *clusterMetrics {
 		}, []string{"ack"}),
 		catchUp: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "store_replication_catchup_seconds",
-			Help:    "Time a new leader spent collecting earlier terms' writes before accepting writes.",
+			Help:    "Time a new leader spent collecting earlier terms' writes into every partition (writes are accepted before, per partition).",
 			Buckets: prometheus.ExponentialBuckets(0.001, 2, 16),
+		}),
+		writeGate: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "store_replication_write_gate_seconds",
+			Help:    "Time from a new term to its leader accepting writes: fencing the term and hearing the members' digests.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 16),
+		}),
+		catchUpKeys: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "store_replication_catchup_entries_total",
+			Help: "Entries a new leader adopted from members while catching up.",
 		}),
 		repairedKeys: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "store_replication_repaired_keys_total",
@@ -127,7 +146,7 @@ func newClusterMetrics(reg prometheus.Registerer, c *Cluster) *clusterMetrics {
 		return m
 	}
 	self := c.cfg.Self
-	reg.MustRegister(m.replicate, m.catchUp, m.repairedKeys, m.repairedPartitions, m.readIndexBatch, m.standIns, m.tombstonesCollected, m.movedDropped,
+	reg.MustRegister(m.replicate, m.catchUp, m.writeGate, m.catchUpKeys, m.repairedKeys, m.repairedPartitions, m.readIndexBatch, m.standIns, m.tombstonesCollected, m.movedDropped,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "store_replication_partitions_owned",
 			Help: "Partitions this node owns under the current ring.",
