@@ -129,8 +129,11 @@ bench-ab: controlplane
 	.bench/benchcompare -rounds $${ROUNDS:-5} -out .bench/bench-ab.json -variant "base=.bench/store-base" \
 		-variant "new=.bench/store-new" -variant "h2c=.bench/store-new --peer-carrier=h2c"; rc=$$?; bash hack/cluster.sh down >/dev/null; exit $$rc
 
-# RSS of each node of a fresh local cluster after KEYS (1M) keys of 256 B and
-# every SAMPLE seconds of a SOAK (10m) of 50/50 load; prints a table.
+# RSS and file size of each node of a fresh local cluster after KEYS keys and
+# every SAMPLE seconds of a SOAK (10m) of steady load; prints a table and the
+# files' growth over the soak's second half. MODE=small (1M keys of 256 B,
+# 50/50, the default), large (400 keys of 1 MiB) or deletes (1M keys, 30 %
+# DELETEs); see scripts/memory-report.sh.
 bench-memory: controlplane
 	bash hack/cluster.sh down >/dev/null; rm -rf .cluster/data
 	bash hack/cluster.sh up >/dev/null

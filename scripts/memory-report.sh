@@ -1,13 +1,27 @@
 #!/usr/bin/env bash
-# Memory of each node of the local cluster (make cluster): RSS after KEYS
-# distinct keys of 256 B (default 1,000,000), then every SAMPLE (60s) during
-# a SOAK (10m) of steady 50/50 load over those keys. Prints a markdown
-# table; RSS should stay flat after the load (bbolt's file is mmapped, so
-# its pages in use count towards RSS: the file size is printed beside it).
+# Memory and disk of each node of the local cluster (make cluster): RSS and
+# bbolt file size after KEYS distinct keys, then every SAMPLE seconds during
+# a SOAK of steady load over those keys. MODE picks the shape:
+#   small   (default) 1,000,000 keys of 256 B, 50 % PUT / 50 % GET
+#   large   400 keys of 1 MiB (the default --max-value-bytes), 50/50, 8 workers
+#   deletes 1,000,000 keys of 256 B, 40 % PUT / 30 % DELETE / 30 % GET
+# KEYS, SOAK (10m), SAMPLE (60) and CONCURRENCY override the mode's values.
+# Prints a markdown table, then each file's growth over the soak's second
+# half: RSS should stay flat, and the file should plateau (bbolt reuses the
+# pages that overwrites and deletes free; its file is mmapped, so the pages
+# in use count towards RSS).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 port="${PORT:-18080}"
-keys="${KEYS:-1000000}"
+mode="${MODE:-small}"
+case $mode in
+small) keys=1000000 size=256 puts=0.5 deletes=0 workers=32 ;;
+large) keys=400 size=1048576 puts=0.5 deletes=0 workers=8 ;;
+deletes) keys=1000000 size=256 puts=0.4 deletes=0.3 workers=32 ;;
+*) echo "MODE must be small, large or deletes" >&2; exit 2 ;;
+esac
+keys="${KEYS:-$keys}"
+workers="${CONCURRENCY:-$workers}"
 soak="${SOAK:-10m}"
 sample="${SAMPLE:-60}"
 go build -o .cluster/bin/storeload ./cmd/storeload
@@ -22,30 +36,50 @@ rss() { # node → RSS in MiB
 	pid=$(pgrep -f -- "--node-id $1( |$)" | head -1)
 	awk '/VmRSS/ {printf "%.0f", $2/1024}' "/proc/$pid/status"
 }
+file() { # node → file size in MiB
+	echo $(( $(stat -c %s ".cluster/data/$1/store.db") >> 20 ))
+}
+declare -A mid
 row() { # label
 	local line="| $1 |"
 	for i in 1 2 3; do
-		line+=" $(rss "store-$i") / $(( $(stat -c %s ".cluster/data/store-$i/store.db") >> 20 )) |"
+		line+=" $(rss "store-$i") / $(file "store-$i") |"
 	done
 	echo "$line"
 }
 
-echo "leader $leader; $(nproc) cores; $(date -u +%F); $keys keys of 256 B; soak $soak"
+echo "mode $mode; leader $leader; $(nproc) cores; $(date -u +%F); $keys keys of $size B; put $puts, delete $deletes; soak $soak, $workers workers"
 echo "| when | store-1 RSS / file MiB | store-2 | store-3 |"
 echo "|---|---|---|---|"
 row "start"
 # -prefill writes every key once (through the leader, ack=quorum), then a
 # one-second run.
-.cluster/bin/storeload -targets "$lead" -keys "$keys" -value-size 256 -put-ratio 0.5 -concurrency 64 -duration 1s -prefill >/dev/null
+.cluster/bin/storeload -targets "$lead" -keys "$keys" -value-size "$size" -put-ratio 0.5 -concurrency "$workers" -duration 1s -prefill >/dev/null
 row "after $keys keys"
-.cluster/bin/storeload -targets "$all" -keys "$keys" -value-size 256 -put-ratio 0.5 -concurrency 32 -duration "$soak" -prefill=false -json .cluster/soak.json >/dev/null &
+.cluster/bin/storeload -targets "$all" -keys "$keys" -value-size "$size" -put-ratio "$puts" -delete-ratio "$deletes" \
+	-concurrency "$workers" -duration "$soak" -prefill=false -json .cluster/soak.json >/dev/null &
 load=$!
 start=$(date +%s)
+case $soak in # seconds, for the half-way mark
+*h) soak_s=$(( ${soak%h} * 3600 )) ;;
+*m) soak_s=$(( ${soak%m} * 60 )) ;;
+*s) soak_s=${soak%s} ;;
+*) echo "SOAK must be whole seconds, minutes or hours (90s, 10m, 1h)" >&2; exit 2 ;;
+esac
 while kill -0 "$load" 2>/dev/null; do
 	sleep "$sample"
-	kill -0 "$load" 2>/dev/null && row "soak +$(( $(date +%s) - start ))s"
+	kill -0 "$load" 2>/dev/null || break
+	row "soak +$(( $(date +%s) - start ))s"
+	if [[ ${#mid[@]} -eq 0 && $(( $(date +%s) - start )) -ge $(( soak_s / 2 )) ]]; then
+		for i in 1 2 3; do mid[$i]=$(file "store-$i"); done
+	fi
 done
 wait "$load"
 row "after the soak"
 echo
 echo "soak load: $(sed -n 's/.*"throughput_rps": *\([0-9.]*\).*/\1/p' .cluster/soak.json | head -1) ok/s; status codes: $(tr -d '\n ' < .cluster/soak.json | sed -n 's/.*"status_codes":\({[^}]*}\).*/\1/p')"
+if [[ ${#mid[@]} -gt 0 ]]; then
+	line="file growth over the soak's second half:"
+	for i in 1 2 3; do line+=" store-$i $(( $(file "store-$i") - mid[$i] )) MiB;"; done
+	echo "$line"
+fi

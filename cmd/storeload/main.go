@@ -32,6 +32,7 @@ type config struct {
 	duration    time.Duration
 	requests    uint64
 	putRatio    float64
+	deleteRatio float64
 	keys        int
 	dist        string
 	zipfS       float64
@@ -60,6 +61,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.DurationVar(&c.duration, "duration", 10*time.Second, "how long to run (0 with -requests: until that many)")
 	fs.Uint64Var(&c.requests, "requests", 0, "stop after this many requests (0: no limit)")
 	fs.Float64Var(&c.putRatio, "put-ratio", 0.5, "fraction of requests that are PUTs (0 = all GET, 1 = all PUT)")
+	fs.Float64Var(&c.deleteRatio, "delete-ratio", 0, "fraction of requests that are DELETEs of a random key; -put-ratio + -delete-ratio <= 1, the rest are GETs. With deletes, a 404 (a key deleted already) counts as a success")
 	fs.IntVar(&c.keys, "keys", 10000, "size of the key space")
 	fs.StringVar(&c.dist, "dist", "uniform", "key distribution: uniform or zipf")
 	fs.Float64Var(&c.zipfS, "zipf-s", 1.1, "zipf skew (> 1)")
@@ -95,6 +97,8 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		return bad("give -duration or -requests")
 	case c.putRatio < 0 || c.putRatio > 1:
 		return bad("-put-ratio must be in [0, 1]")
+	case c.deleteRatio < 0 || c.putRatio+c.deleteRatio > 1:
+		return bad("-delete-ratio must be >= 0 and -put-ratio + -delete-ratio <= 1")
 	case c.keys < 1:
 		return bad("-keys must be >= 1")
 	case c.dist != "uniform" && c.dist != "zipf":
@@ -152,7 +156,7 @@ func run(cfg config, out io.Writer) (Report, error) {
 
 	if cfg.prefill && cfg.putRatio < 1 {
 		fmt.Fprintf(out, "prefilling %d keys...\n", cfg.keys)
-		fill := newRecorder()
+		fill := newRecorder(false)
 		atk := newAttacker(cfg)
 		for res := range atk.Attack(w.prefillTargeter(), vegeta.Rate{}, 0, "prefill") {
 			fill.add(res)
@@ -170,10 +174,10 @@ func run(cfg config, out io.Writer) (Report, error) {
 	} else {
 		mode = fmt.Sprintf("%d req/s (open loop, up to %d workers)", cfg.rate, cfg.concurrency)
 	}
-	fmt.Fprintf(out, "load: %s, %s, put ratio %.2f, %d keys (%s), %d B values, targets %s\n",
-		mode, limitText(cfg), cfg.putRatio, cfg.keys, cfg.dist, cfg.valueSize, strings.Join(cfg.targets, ","))
+	fmt.Fprintf(out, "load: %s, %s, put ratio %.2f, delete ratio %.2f, %d keys (%s), %d B values, targets %s\n",
+		mode, limitText(cfg), cfg.putRatio, cfg.deleteRatio, cfg.keys, cfg.dist, cfg.valueSize, strings.Join(cfg.targets, ","))
 
-	rec := newRecorder()
+	rec := newRecorder(cfg.deleteRatio > 0)
 	var p *plot.Plot
 	if cfg.htmlOut != "" {
 		p = plot.New(plot.Title("storeload latency"))
@@ -209,7 +213,7 @@ func limitText(cfg config) string {
 func finish(cfg config, rec *recorder, p *plot.Plot, out io.Writer) (Report, error) {
 	rep := rec.report(map[string]any{
 		"targets": cfg.targets, "rate": cfg.rate, "concurrency": cfg.concurrency,
-		"duration": cfg.duration.String(), "requests": cfg.requests, "put_ratio": cfg.putRatio,
+		"duration": cfg.duration.String(), "requests": cfg.requests, "put_ratio": cfg.putRatio, "delete_ratio": cfg.deleteRatio,
 		"keys": cfg.keys, "dist": cfg.dist, "value_size": cfg.valueSize, "ack": cfg.ack,
 		"consistency": cfg.consistency,
 	})

@@ -24,6 +24,9 @@ func TestParseFlags(t *testing.T) {
 		{[]string{"-targets", "ftp://x"}, "-targets"},
 		{[]string{"-targets", "127.0.0.1:8080"}, "-targets"},
 		{[]string{"-put-ratio", "1.5"}, "-put-ratio"},
+		{[]string{"-put-ratio", "0.8", "-delete-ratio", "0.3"}, "-delete-ratio"},
+		{[]string{"-delete-ratio", "-0.1"}, "-delete-ratio"},
+		{[]string{"-put-ratio", "0.7", "-delete-ratio", "0.3"}, ""},
 		{[]string{"-dist", "pareto"}, "-dist"},
 		{[]string{"-dist", "zipf", "-zipf-s", "1"}, "-zipf-s"},
 		{[]string{"-duration", "0"}, "-duration or -requests"},
@@ -39,7 +42,8 @@ func TestParseFlags(t *testing.T) {
 }
 
 // A short closed-loop run against a real in-process store: every request is
-// counted once, all succeed after the prefill, and the JSON report says so.
+// counted once, all succeed after the prefill (a DELETE's 404 for a key
+// deleted already included), and the JSON report says so.
 func TestRun_AgainstARealStore(t *testing.T) {
 	db, err := storage.Open(t.TempDir(), storage.Options{})
 	if err != nil {
@@ -60,7 +64,7 @@ func TestRun_AgainstARealStore(t *testing.T) {
 
 	out := filepath.Join(t.TempDir(), "report.json")
 	cfg, err := parseFlags([]string{"-targets", hs.URL, "-requests", "300", "-duration", "0", "-concurrency", "4",
-		"-keys", "50", "-dist", "zipf", "-put-ratio", "0.3", "-json", out}, io.Discard)
+		"-keys", "50", "-dist", "zipf", "-put-ratio", "0.3", "-delete-ratio", "0.2", "-json", out}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -69,15 +73,23 @@ func TestRun_AgainstARealStore(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if rep.Requests != 300 || rep.Success != 300 || rep.StatusCodes["200"]+rep.StatusCodes["201"] != 300 {
+	counted := 0
+	for code, n := range rep.StatusCodes {
+		if !strings.HasPrefix(code, "PUT 2") && !strings.HasPrefix(code, "GET 200") && !strings.HasPrefix(code, "GET 404") &&
+			code != "DELETE 200" && code != "DELETE 404" {
+			t.Errorf("status %q ×%d", code, n)
+		}
+		counted += n
+	}
+	if rep.Requests != 300 || rep.Success != 300 || counted != 300 || rep.StatusCodes["DELETE 200"] == 0 {
 		t.Fatalf("report = %+v", rep)
 	}
-	if rep.Put == nil || rep.Get == nil || rep.Put.Count+rep.Get.Count != 300 || rep.Latency.P50 <= 0 || rep.Latency.Max < rep.Latency.P999 {
-		t.Fatalf("latencies = %+v / %+v / %+v", rep.Latency, rep.Put, rep.Get)
+	if rep.Put == nil || rep.Get == nil || rep.Delete == nil || rep.Put.Count+rep.Get.Count+rep.Delete.Count != 300 || rep.Latency.P50 <= 0 || rep.Latency.Max < rep.Latency.P999 {
+		t.Fatalf("latencies = %+v / %+v / %+v / %+v", rep.Latency, rep.Put, rep.Get, rep.Delete)
 	}
 	var onDisk Report
 	b, err := os.ReadFile(out)
-	if err != nil || json.Unmarshal(b, &onDisk) != nil || onDisk.Success != 300 {
+	if err != nil || json.Unmarshal(b, &onDisk) != nil || onDisk.Success != rep.Success {
 		t.Fatalf("JSON report: %v %s", err, b)
 	}
 	if db.LastSeq() < 50 { // the prefill wrote every key

@@ -17,13 +17,17 @@ import (
 type recorder struct {
 	started, ended time.Time
 	all, put, get  *hdrhistogram.Histogram
-	codes          map[string]int // "200", "503", "error: ..." → count
+	del            *hdrhistogram.Histogram
+	codes          map[string]int // "PUT 200", "GET 503", "error: ..." → count
 	requests, ok   int
+	// deleting: the run deletes keys, so a 404 is the store's right
+	// answer to a GET or DELETE of a key deleted already, not a failure.
+	deleting bool
 }
 
-func newRecorder() *recorder {
+func newRecorder(deleting bool) *recorder {
 	h := func() *hdrhistogram.Histogram { return hdrhistogram.New(1, 60_000_000, 3) }
-	return &recorder{all: h(), put: h(), get: h(), codes: map[string]int{}}
+	return &recorder{all: h(), put: h(), get: h(), del: h(), codes: map[string]int{}, deleting: deleting}
 }
 
 func (r *recorder) add(res *vegeta.Result) {
@@ -39,17 +43,20 @@ func (r *recorder) add(res *vegeta.Result) {
 	r.requests++
 	us := max(res.Latency.Microseconds(), 1)
 	_ = r.all.RecordValue(us)
-	if res.Method == "PUT" {
+	switch res.Method {
+	case "PUT":
 		_ = r.put.RecordValue(us)
-	} else {
+	case "DELETE":
+		_ = r.del.RecordValue(us)
+	default:
 		_ = r.get.RecordValue(us)
 	}
 	switch {
 	case res.Code == 0:
 		r.codes["error: "+shortError(res.Error)]++
 	default:
-		r.codes[strconv.Itoa(int(res.Code))]++
-		if res.Code >= 200 && res.Code < 300 {
+		r.codes[res.Method+" "+strconv.Itoa(int(res.Code))]++
+		if res.Code >= 200 && res.Code < 300 || r.deleting && res.Code == 404 {
 			r.ok++
 		}
 	}
@@ -74,6 +81,7 @@ type Report struct {
 	Latency     Latency        `json:"latency_ms"`
 	Put         *Latency       `json:"put_latency_ms,omitempty"`
 	Get         *Latency       `json:"get_latency_ms,omitempty"`
+	Delete      *Latency       `json:"delete_latency_ms,omitempty"`
 }
 
 // Latency quantiles in milliseconds.
@@ -121,6 +129,10 @@ func (r *recorder) report(cfg map[string]any) Report {
 	if r.get.TotalCount() > 0 {
 		l := latency(r.get)
 		rep.Get = &l
+	}
+	if r.del.TotalCount() > 0 {
+		l := latency(r.del)
+		rep.Delete = &l
 	}
 	return rep
 }

@@ -17,6 +17,7 @@ import (
 type workload struct {
 	targets     []string
 	putRatio    float64
+	deleteRatio float64
 	keys        int
 	keyPrefix   string
 	value       []byte
@@ -34,6 +35,7 @@ func newWorkload(cfg config) (*workload, error) {
 	w := &workload{
 		targets:     cfg.targets,
 		putRatio:    cfg.putRatio,
+		deleteRatio: cfg.deleteRatio,
 		keys:        cfg.keys,
 		keyPrefix:   cfg.keyPrefix,
 		value:       jsonValue(cfg.valueSize),
@@ -66,10 +68,17 @@ func (w *workload) key() int {
 	return w.rng.Intn(w.keys)
 }
 
-func (w *workload) isPut() bool {
+// op draws the next request's method from the mix.
+func (w *workload) op() string {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	return w.rng.Float64() < w.putRatio
+	switch x := w.rng.Float64(); {
+	case x < w.putRatio:
+		return http.MethodPut
+	case x < w.putRatio+w.deleteRatio:
+		return http.MethodDelete
+	}
+	return http.MethodGet
 }
 
 func (w *workload) url(target string, key int, param, value string) string {
@@ -90,9 +99,12 @@ func (w *workload) targeter() vegeta.Targeter {
 		}
 		target := w.targets[int(i)%len(w.targets)]
 		key := w.key()
-		if w.isPut() {
+		switch w.op() {
+		case http.MethodPut:
 			*t = vegeta.Target{Method: http.MethodPut, URL: w.url(target, key, "ack", w.ack), Body: w.value, Header: hdr}
-		} else {
+		case http.MethodDelete:
+			*t = vegeta.Target{Method: http.MethodDelete, URL: w.url(target, key, "ack", w.ack)}
+		default:
 			*t = vegeta.Target{Method: http.MethodGet, URL: w.url(target, key, "consistency", w.consistency)}
 		}
 		return nil
