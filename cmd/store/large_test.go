@@ -120,7 +120,9 @@ type replicationStatus struct {
 			Queued      int    `json:"queued"`
 			QueuedBytes int64  `json:"queued_bytes"`
 		} `json:"members"`
-		Behind []string `json:"behind"`
+		Behind               []string   `json:"behind"`
+		LastRepair           *time.Time `json:"last_repair"`
+		CatchingUpPartitions int        `json:"catching_up_partitions"`
 	} `json:"replication"`
 }
 

@@ -235,9 +235,9 @@ func (g *termGate) run(epoch uint64) {
 // pulled, the gate opened after the first, then a pull of each of them.
 func (g *termGate) once(epoch uint64, tp **termProgress, start time.Time) error {
 	c := g.c
-	ctx, cancel := context.WithTimeout(c.ctx, 30*time.Second)
-	defer cancel()
-	plan, err := g.fence(ctx, epoch)
+	fctx, cancel := context.WithTimeout(c.ctx, 30*time.Second)
+	plan, err := g.fence(fctx, epoch)
+	cancel()
 	if err != nil {
 		return err
 	}
@@ -254,8 +254,16 @@ func (g *termGate) once(epoch uint64, tp **termProgress, start time.Time) error 
 	} else {
 		(*tp).replan(plan)
 	}
+	// Each partition has its own deadline: the whole store may take longer
+	// than any one bound, and a pass that fails keeps what it pulled.
 	for p := range c.cfg.Ring.PartitionCount() {
-		if err := g.pull(ctx, *tp, p); err != nil {
+		if !c.leads(epoch) {
+			return fmt.Errorf("term %d ended with %d partitions left to pull", epoch, (*tp).left())
+		}
+		pctx, cancel := context.WithTimeout(c.ctx, 30*time.Second)
+		err := g.pull(pctx, *tp, p)
+		cancel()
+		if err != nil {
 			return err
 		}
 	}
