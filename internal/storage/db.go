@@ -183,19 +183,16 @@ func Open(dir string, opts Options) (*DB, error) {
 		return nil, fmt.Errorf("storage: create data dir: %w", err)
 	}
 	path := filepath.Join(dir, FileName)
-	bdb, err := bolt.Open(path, 0o600, &bolt.Options{
-		Timeout: opts.LockTimeout,
-		NoSync:  opts.NoSync,
-		// The freelist is rebuilt on open instead of written on every commit:
-		// less to fsync per write, at the cost of a slower open.
-		NoFreelistSync: true,
-		FreelistType:   bolt.FreelistMapType,
-	})
+	bdb, err := openBolt(path, opts.LockTimeout, opts.NoSync)
 	if err != nil {
-		if errors.Is(err, berrors.ErrTimeout) {
-			return nil, fmt.Errorf("storage: open %s: %w", path, ErrLocked)
-		}
 		return nil, fmt.Errorf("storage: open %s: %w", path, err)
+	}
+	// A compaction interrupted before its rename leaves its copy behind.
+	// Holding the file lock means no compaction is running now (Compact
+	// holds it from start to rename), so the copy is garbage.
+	if err := removeCompactTemp(dir); err != nil {
+		_ = bdb.Close()
+		return nil, fmt.Errorf("storage: %w", err)
 	}
 	if err := initFormat(bdb); err != nil {
 		_ = bdb.Close()
@@ -226,6 +223,23 @@ func Open(dir string, opts Options) (*DB, error) {
 	})
 	go db.commitLoop()
 	return db, nil
+}
+
+// openBolt opens the bbolt file at path the one way this package uses it,
+// mapping a lock held elsewhere to ErrLocked.
+func openBolt(path string, lockTimeout time.Duration, noSync bool) (*bolt.DB, error) {
+	bdb, err := bolt.Open(path, 0o600, &bolt.Options{
+		Timeout: lockTimeout,
+		NoSync:  noSync,
+		// The freelist is rebuilt on open instead of written on every commit:
+		// less to fsync per write, at the cost of a slower open.
+		NoFreelistSync: true,
+		FreelistType:   bolt.FreelistMapType,
+	})
+	if errors.Is(err, berrors.ErrTimeout) {
+		return nil, ErrLocked
+	}
+	return bdb, err
 }
 
 func initFormat(bdb *bolt.DB) error {
