@@ -70,6 +70,13 @@ type Options struct {
 	// Default 10 minutes.
 	RequestTTL time.Duration
 
+	// MaxRequestBytes bounds the request-id records kept (both buckets,
+	// keys and values). Past it the oldest ids are forgotten before their
+	// RequestTTL, so a burst of writes cannot grow the window without
+	// limit; a retry of an id forgotten early is applied again. Default
+	// 64 MiB (some 400 000 ids of 36 bytes on 64-byte keys).
+	MaxRequestBytes int64
+
 	// Partitions and PartitionOf let replicas compare their contents
 	// cheaply: the DB keeps one digest per partition (see Digests). Zero
 	// Partitions keeps none (a single node needs none).
@@ -140,6 +147,9 @@ type DB struct {
 	// on disk; seqFloor keeps versions handed out by BeforeSync from being
 	// assigned again after a failed commit.
 	reserved, seqFloor uint64
+	// requestBytes is what the request-id records hold (see
+	// requestRecordBytes), also owned by the committer once Open returns.
+	requestBytes int64
 
 	// digests and the change broadcast; see digest.go.
 	// tombstones counts the deleted keys still kept, under digMu.
@@ -178,6 +188,9 @@ func Open(dir string, opts Options) (*DB, error) {
 	}
 	if opts.RequestTTL <= 0 {
 		opts.RequestTTL = 10 * time.Minute
+	}
+	if opts.MaxRequestBytes <= 0 {
+		opts.MaxRequestBytes = 64 << 20
 	}
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return nil, fmt.Errorf("storage: create data dir: %w", err)
@@ -219,8 +232,14 @@ func Open(dir string, opts Options) (*DB, error) {
 		// crash; new ones start above it.
 		db.reserved = readUint(tx.Bucket(bucketMeta), metaReserved)
 		db.seqFloor = db.reserved
-		return nil
+		// The total is not stored (no format change); counting costs one
+		// walk of the ids, at most MaxRequestBytes of them.
+		return tx.Bucket(bucketRequests).ForEach(func(k, v []byte) error {
+			db.requestBytes += requestRecordBytes(len(k), len(v))
+			return nil
+		})
 	})
+	db.metrics.setRequestBytes(db.requestBytes)
 	go db.commitLoop()
 	return db, nil
 }
@@ -477,6 +496,9 @@ func (db *DB) commitLoop() {
 	// batches, so bbolt only ever has one writer.
 	sweep := time.NewTicker(db.opts.RequestTTL / 4)
 	defer sweep.Stop()
+	// A file opened with a lower MaxRequestBytes than it was written with
+	// is brought under the bound before the first write.
+	db.sweepRequests(time.Now().Add(-db.opts.RequestTTL))
 	for {
 		var first *request
 		select {
@@ -506,31 +528,82 @@ func (db *DB) commitLoop() {
 	}
 }
 
-// sweepRequests forgets request ids recorded before cutoff, walking the
-// time index from its oldest entry, so the cost is what expired, not all
-// ids. Keys are collected before deleting (deleting under a bbolt cursor
-// can skip the next key). Failure only delays the cleanup.
+// sweepRequests forgets request ids recorded before cutoff, and the oldest
+// beyond them while the records exceed MaxRequestBytes. Failure only delays
+// the cleanup.
 func (db *DB) sweepRequests(cutoff time.Time) {
-	_ = db.bolt.Update(func(tx *bolt.Tx) error {
-		byTime, reqs := tx.Bucket(bucketRequestsByTime), tx.Bucket(bucketRequests)
-		var expired [][]byte
-		c := byTime.Cursor()
-		for k, _ := c.First(); k != nil && len(k) >= 8; k, _ = c.Next() {
-			if int64(binary.BigEndian.Uint64(k[:8])) >= cutoff.UnixNano() {
-				break
-			}
-			expired = append(expired, k)
-		}
-		for _, k := range expired {
-			if err := reqs.Delete(k[8:]); err != nil {
-				return err
-			}
-			if err := byTime.Delete(k); err != nil {
-				return err
-			}
-		}
-		return nil
+	var dropped requestsDropped
+	err := db.bolt.Update(func(tx *bolt.Tx) error {
+		reqs := requestBuckets{ids: tx.Bucket(bucketRequests), byTime: tx.Bucket(bucketRequestsByTime)}
+		var err error
+		dropped, err = dropRequests(reqs, cutoff.UnixNano(), db.requestBytes, db.opts.MaxRequestBytes)
+		return err
 	})
+	if err == nil {
+		db.noteRequestsDropped(0, dropped)
+	}
+}
+
+// requestRecordBytes is what one request id costs across both buckets:
+// the id and its record in requests, the time-prefixed id in
+// requests_by_time. The bound counts these bytes, not bbolt's page
+// overhead.
+func requestRecordBytes(idLen, recordLen int) int64 {
+	return int64(idLen + recordLen + 8 + idLen)
+}
+
+// requestsDropped is what dropRequests removed.
+type requestsDropped struct {
+	bytes int64
+	// early counts ids dropped for the bytes bound before their TTL.
+	early int
+}
+
+// dropRequests removes request ids oldest first, walking the time index
+// from its start, for as long as they are older than cutoff (unix ns) or
+// held, the records' bytes, exceeds maxBytes; so the cost is what it
+// removes, not all ids. Keys are collected before deleting (deleting under
+// a bbolt cursor can skip the next key).
+func dropRequests(reqs requestBuckets, cutoff, held, maxBytes int64) (requestsDropped, error) {
+	var (
+		drop [][]byte
+		d    requestsDropped
+	)
+	c := reqs.byTime.Cursor()
+	for k, _ := c.First(); k != nil && len(k) >= 8; k, _ = c.Next() {
+		expired := int64(binary.BigEndian.Uint64(k[:8])) < cutoff
+		if !expired && held-d.bytes <= maxBytes {
+			break
+		}
+		if !expired {
+			d.early++
+		}
+		// An index entry whose record is gone (none should be) costs
+		// only itself.
+		n := int64(len(k))
+		if rec := reqs.ids.Get(k[8:]); rec != nil {
+			n = requestRecordBytes(len(k)-8, len(rec))
+		}
+		d.bytes += n
+		drop = append(drop, k)
+	}
+	for _, k := range drop {
+		if err := reqs.ids.Delete(k[8:]); err != nil {
+			return requestsDropped{}, err
+		}
+		if err := reqs.byTime.Delete(k); err != nil {
+			return requestsDropped{}, err
+		}
+	}
+	return d, nil
+}
+
+// noteRequestsDropped accounts for a committed transaction that recorded
+// added bytes of request ids and dropped d. Committer goroutine only.
+func (db *DB) noteRequestsDropped(added int64, d requestsDropped) {
+	db.requestBytes += added - d.bytes
+	db.metrics.setRequestBytes(db.requestBytes)
+	db.metrics.addRequestsEvicted(d.early)
 }
 
 // Seq reservation: handed-out versions stay below the durable bound, which
@@ -553,6 +626,10 @@ func (db *DB) commit(batch []*request) {
 	var (
 		changes  []change
 		reserved = db.reserved
+		// Request-id bytes this batch recorded, and what the bound made
+		// it drop; counted only once the commit succeeds.
+		reqAdded   int64
+		reqDropped requestsDropped
 	)
 	err := db.bolt.Update(func(tx *bolt.Tx) error {
 		meta, kv := tx.Bucket(bucketMeta), tx.Bucket(bucketKV)
@@ -577,10 +654,20 @@ func (db *DB) commit(batch []*request) {
 			case r.repl != nil:
 				r.err = applyReplicated(kv, &seq, r.repl, &changes)
 			default:
-				r.res, r.err = applyIdempotent(kv, reqs, &seq, r.m, start, &changes)
+				r.res, r.err = applyIdempotent(kv, reqs, &seq, r.m, start, &changes, &reqAdded)
 			}
 			if r.err == nil {
 				fence = epoch
+			}
+		}
+		// The bound holds at every commit, not just at the next sweep: a
+		// burst recording more than the bound drops the oldest ids (its own
+		// last) in the same transaction.
+		if db.requestBytes+reqAdded > db.opts.MaxRequestBytes {
+			var err error
+			cutoff := start.Add(-db.opts.RequestTTL).UnixNano()
+			if reqDropped, err = dropRequests(reqs, cutoff, db.requestBytes+reqAdded, db.opts.MaxRequestBytes); err != nil {
+				return err
 			}
 		}
 		if seq != seq0 {
@@ -616,6 +703,9 @@ func (db *DB) commit(batch []*request) {
 	db.metrics.observeCommit(time.Since(start), len(batch))
 	if err == nil {
 		db.noteChanges(changes)
+		if reqAdded > 0 || reqDropped.bytes > 0 {
+			db.noteRequestsDropped(reqAdded, reqDropped)
+		}
 	}
 	for _, r := range batch {
 		if err != nil {
@@ -633,7 +723,7 @@ func (db *DB) commit(batch []*request) {
 // which case it returns the remembered result.
 type requestBuckets struct{ ids, byTime *bolt.Bucket }
 
-func applyIdempotent(kv *bolt.Bucket, reqs requestBuckets, seq *uint64, m Mutation, now time.Time, changes *[]change) (Result, error) {
+func applyIdempotent(kv *bolt.Bucket, reqs requestBuckets, seq *uint64, m Mutation, now time.Time, changes *[]change, reqBytes *int64) (Result, error) {
 	if m.RequestID == "" {
 		return applyOne(kv, seq, m, changes)
 	}
@@ -653,9 +743,11 @@ func applyIdempotent(kv *bolt.Bucket, reqs requestBuckets, seq *uint64, m Mutati
 	}
 	// Apply validated the id's length, so these puts cannot fail for the
 	// key; a failure here is a disk error that rolls the batch back.
-	if err := reqs.ids.Put([]byte(m.RequestID), encodeRequest(res, now)); err != nil {
+	rec := encodeRequest(res, now)
+	if err := reqs.ids.Put([]byte(m.RequestID), rec); err != nil {
 		return Result{}, err
 	}
+	*reqBytes += requestRecordBytes(len(m.RequestID), len(rec))
 	tk := binary.BigEndian.AppendUint64(make([]byte, 0, 8+len(m.RequestID)), uint64(now.UnixNano()))
 	if err := reqs.byTime.Put(append(tk, m.RequestID...), nil); err != nil {
 		return Result{}, err

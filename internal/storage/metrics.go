@@ -10,6 +10,10 @@ type metrics struct {
 	commitSeconds prometheus.Histogram
 	batchSize     prometheus.Histogram
 	tombstones    prometheus.Gauge
+	requestBytes  prometheus.Gauge
+	// requestsEvicted counts request ids forgotten before their TTL
+	// because the records passed Options.MaxRequestBytes.
+	requestsEvicted prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -34,9 +38,21 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name:      "tombstones",
 			Help:      "Deleted keys whose tombstone this node still keeps (collection removes them; see internal/replication/DESIGN.md).",
 		}),
+		requestBytes: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "store",
+			Subsystem: "storage",
+			Name:      "request_id_bytes",
+			Help:      "Bytes of request-id records kept to recognise retried writes (bounded by --request-id-bytes).",
+		}),
+		requestsEvicted: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "store",
+			Subsystem: "storage",
+			Name:      "request_ids_evicted_total",
+			Help:      "Request ids forgotten before their TTL because the records reached their byte bound; a retry of one is applied again.",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.commitSeconds, m.batchSize, m.tombstones)
+		reg.MustRegister(m.commitSeconds, m.batchSize, m.tombstones, m.requestBytes, m.requestsEvicted)
 	}
 	return m
 }
@@ -47,3 +63,7 @@ func (m *metrics) observeCommit(d time.Duration, n int) {
 }
 
 func (m *metrics) setTombstones(n int) { m.tombstones.Set(float64(n)) }
+
+func (m *metrics) setRequestBytes(n int64) { m.requestBytes.Set(float64(n)) }
+
+func (m *metrics) addRequestsEvicted(n int) { m.requestsEvicted.Add(float64(n)) }
