@@ -71,6 +71,15 @@ type config struct {
 	replicationFactor int
 	// replicationTimeout bounds a write's wait for its ack level.
 	replicationTimeout time.Duration
+
+	// requestIDBytes bounds the request-id records kept for recognising
+	// retried writes (storage.Options.MaxRequestBytes).
+	requestIDBytes int64
+	// compactFreeRatio, when above 0, compacts the data file before it is
+	// opened if at least this fraction of it is free (and at least
+	// compactMinFreeBytes), as `store compact` does offline.
+	compactFreeRatio    float64
+	compactMinFreeBytes int64
 }
 
 // errUsage marks errors that are the operator's to fix (bad flag or env);
@@ -103,6 +112,10 @@ var envFor = map[string]string{
 	"shutdown-delay":          "STORE_SHUTDOWN_DELAY",
 	"replication-factor":      "STORE_REPLICATION_FACTOR",
 	"replication-timeout":     "STORE_REPLICATION_TIMEOUT",
+	"request-id-bytes":        "STORE_REQUEST_ID_BYTES",
+
+	"compact-at-start-free-ratio":     "STORE_COMPACT_AT_START_FREE_RATIO",
+	"compact-at-start-min-free-bytes": "STORE_COMPACT_AT_START_MIN_FREE_BYTES",
 }
 
 // parseConfig reads flags from args and fallbacks from getenv, applies
@@ -141,11 +154,14 @@ func parseConfig(args []string, getenv func(string) string, hostname string, std
 	fs.IntVar(&c.replicationFactor, "replication-factor", 2, "owners per key, R; ack=quorum waits for the leader and R/2 others (env STORE_REPLICATION_FACTOR)")
 	fs.DurationVar(&c.replicationTimeout, "replication-timeout", 5*time.Second, "how long a write waits for its ack level before answering 504 outcome_unknown (env STORE_REPLICATION_TIMEOUT)")
 	fs.StringVar(&c.peerTemplate, "peer-address-template", "{id}.store-peers.{namespace}.svc:8080", "host:port of a peer from its `template` with {id}, {namespace}, {ordinal} (env STORE_PEER_ADDRESS_TEMPLATE)")
+	fs.Int64Var(&c.requestIDBytes, "request-id-bytes", 64<<20, "bytes of request ids kept to recognise retried writes for 10 minutes; past it the oldest are forgotten early (env STORE_REQUEST_ID_BYTES)")
+	fs.Float64Var(&c.compactFreeRatio, "compact-at-start-free-ratio", 0, "compact the data file before opening it when at least this `fraction` of it is free, e.g. 0.5; 0 (the default) never does (env STORE_COMPACT_AT_START_FREE_RATIO)")
+	fs.Int64Var(&c.compactMinFreeBytes, "compact-at-start-min-free-bytes", 64<<20, "and only when at least this many `bytes` are free (env STORE_COMPACT_AT_START_MIN_FREE_BYTES)")
 	if err := fs.Parse(args); err != nil {
 		return config{}, fmt.Errorf("%w: %w", errUsage, err)
 	}
 	if fs.NArg() > 0 {
-		return config{}, fmt.Errorf("%w: unexpected argument %q; every setting is a --flag", errUsage, fs.Arg(0))
+		return config{}, fmt.Errorf("%w: unexpected argument %q; every setting is a --flag, and the one subcommand, compact, comes first", errUsage, fs.Arg(0))
 	}
 	// Environment fallbacks apply only to flags not given on the command line.
 	set := map[string]bool{}
@@ -221,6 +237,16 @@ func parseConfig(args []string, getenv func(string) string, hostname string, std
 	if c.shutdownDelay < 0 {
 		return config{}, bad("shutdown-delay", "%s must not be negative", c.shutdownDelay)
 	}
+	if c.requestIDBytes < 1<<20 || c.requestIDBytes > 4<<30 {
+		return config{}, bad("request-id-bytes", "%d must be from 1 MiB (1048576) to 4 GiB", c.requestIDBytes)
+	}
+	// The negated test also refuses NaN.
+	if !(c.compactFreeRatio >= 0 && c.compactFreeRatio < 1) {
+		return config{}, bad("compact-at-start-free-ratio", "%v must be 0 (off) or a fraction below 1, such as 0.5", c.compactFreeRatio)
+	}
+	if c.compactMinFreeBytes < 0 {
+		return config{}, bad("compact-at-start-min-free-bytes", "%d must not be negative", c.compactMinFreeBytes)
+	}
 	c.peerToken = getenv("STORE_PEER_TOKEN")
 	if tokenFile != "" {
 		b, err := os.ReadFile(tokenFile)
@@ -228,6 +254,44 @@ func parseConfig(args []string, getenv func(string) string, hostname string, std
 			return config{}, bad("peer-token-file", "%v", err)
 		}
 		c.peerToken = strings.TrimSpace(string(b))
+	}
+	return c, nil
+}
+
+// compactConfig is what `store compact` reads.
+type compactConfig struct {
+	// dataDir holds the bbolt file to compact.
+	dataDir string
+	// lockTimeout bounds the wait for the file lock; a running store
+	// holds it, and then compact fails instead of waiting for it to stop.
+	lockTimeout time.Duration
+}
+
+// parseCompactConfig reads `store compact`'s flags (args after the word
+// compact), with the same environment fallback for --data-dir as the
+// store, so it finds the directory the store was given.
+func parseCompactConfig(args []string, getenv func(string) string, stderr io.Writer) (compactConfig, error) {
+	fs := flag.NewFlagSet("store compact", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var c compactConfig
+	fs.StringVar(&c.dataDir, "data-dir", "data", "`directory` holding the bbolt file to compact; the store must not be running on it (env STORE_DATA_DIR)")
+	fs.DurationVar(&c.lockTimeout, "lock-timeout", time.Second, "how long to wait for the file lock before failing (a running store holds it)")
+	if err := fs.Parse(args); err != nil {
+		return compactConfig{}, fmt.Errorf("%w: compact: %w", errUsage, err)
+	}
+	if fs.NArg() > 0 {
+		return compactConfig{}, fmt.Errorf("%w: compact: unexpected argument %q; its settings are --data-dir and --lock-timeout", errUsage, fs.Arg(0))
+	}
+	set := false
+	fs.Visit(func(f *flag.Flag) { set = set || f.Name == "data-dir" })
+	if v := getenv(envFor["data-dir"]); v != "" && !set {
+		c.dataDir = v
+	}
+	if strings.TrimSpace(c.dataDir) == "" {
+		return compactConfig{}, fmt.Errorf("%w: compact: --data-dir (env %s): must not be empty", errUsage, envFor["data-dir"])
+	}
+	if c.lockTimeout <= 0 {
+		return compactConfig{}, fmt.Errorf("%w: compact: --lock-timeout: %s must be a positive duration such as 1s", errUsage, c.lockTimeout)
 	}
 	return c, nil
 }

@@ -64,6 +64,19 @@ func TestParseConfig(t *testing.T) {
 		{"tombstone ttl default: keep them", nil, nil, func(c config) bool { return c.tombstoneTTL == 0 }, ""},
 		{"tombstone ttl from env", nil, map[string]string{"STORE_TOMBSTONE_TTL": "30s"}, func(c config) bool { return c.tombstoneTTL == 30*time.Second }, ""},
 		{"tombstone ttl under twice the replication timeout", []string{"--tombstone-ttl", "9s"}, nil, nil, "--tombstone-ttl"},
+		{"disk defaults: 64 MiB of request ids, no compaction at start", nil, nil, func(c config) bool {
+			return c.requestIDBytes == 64<<20 && c.compactFreeRatio == 0 && c.compactMinFreeBytes == 64<<20
+		}, ""},
+		{"compaction at start from env", nil, map[string]string{"STORE_COMPACT_AT_START_FREE_RATIO": "0.5", "STORE_COMPACT_AT_START_MIN_FREE_BYTES": "0"},
+			func(c config) bool { return c.compactFreeRatio == 0.5 && c.compactMinFreeBytes == 0 }, ""},
+		{"free ratio of 1", []string{"--compact-at-start-free-ratio", "1"}, nil, nil, "--compact-at-start-free-ratio"},
+		{"negative free ratio", []string{"--compact-at-start-free-ratio", "-0.1"}, nil, nil, "--compact-at-start-free-ratio"},
+		{"free ratio NaN", []string{"--compact-at-start-free-ratio", "NaN"}, nil, nil, "--compact-at-start-free-ratio"},
+		{"free ratio not a number", nil, map[string]string{"STORE_COMPACT_AT_START_FREE_RATIO": "half"}, nil, "STORE_COMPACT_AT_START_FREE_RATIO"},
+		{"negative min free bytes", []string{"--compact-at-start-min-free-bytes", "-1"}, nil, nil, "--compact-at-start-min-free-bytes"},
+		{"request id bytes too small", []string{"--request-id-bytes", "1000"}, nil, nil, "--request-id-bytes"},
+		{"request id bytes from env", nil, map[string]string{"STORE_REQUEST_ID_BYTES": "8388608"},
+			func(c config) bool { return c.requestIDBytes == 8<<20 }, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -80,6 +93,42 @@ func TestParseConfig(t *testing.T) {
 			}
 			if !tt.check(c) {
 				t.Fatalf("config = %+v", c)
+			}
+		})
+	}
+}
+
+func TestParseCompactConfig(t *testing.T) {
+	tests := []struct {
+		name    string
+		args    []string
+		env     map[string]string
+		want    compactConfig
+		wantErr string // substring naming the flag; "" means success
+	}{
+		{"defaults", nil, nil, compactConfig{dataDir: "data", lockTimeout: time.Second}, ""},
+		{"data dir from env", nil, map[string]string{"STORE_DATA_DIR": "/d"}, compactConfig{dataDir: "/d", lockTimeout: time.Second}, ""},
+		{"flag beats env", []string{"--data-dir", "/f"}, map[string]string{"STORE_DATA_DIR": "/d"}, compactConfig{dataDir: "/f", lockTimeout: time.Second}, ""},
+		{"lock timeout", []string{"--lock-timeout", "5s"}, nil, compactConfig{dataDir: "data", lockTimeout: 5 * time.Second}, ""},
+		{"empty data dir", []string{"--data-dir", ""}, nil, compactConfig{}, "--data-dir"},
+		{"zero lock timeout", []string{"--lock-timeout", "0s"}, nil, compactConfig{}, "--lock-timeout"},
+		{"a store flag", []string{"--listen", ":1"}, nil, compactConfig{}, "-listen"},
+		{"stray argument", []string{"now"}, nil, compactConfig{}, `"now"`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := parseCompactConfig(tt.args, func(k string) string { return tt.env[k] }, io.Discard)
+			if tt.wantErr != "" {
+				if err == nil || !errors.Is(err, errUsage) || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("err = %v, want a usage error naming %s", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c != tt.want {
+				t.Fatalf("config = %+v, want %+v", c, tt.want)
 			}
 		})
 	}

@@ -61,6 +61,11 @@ func main() {
 }
 
 func run(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	// The one subcommand works on a stopped store's files; everything
+	// else runs the store.
+	if len(args) > 0 && args[0] == "compact" {
+		return runCompact(args[1:], getenv, stdout, stderr)
+	}
 	host, _ := os.Hostname()
 	cfg, err := parseConfig(args, getenv, host, stderr)
 	if err != nil {
@@ -143,7 +148,7 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 
 	// In cluster mode the store keeps one digest per ring partition, which
 	// replicas compare to find what differs.
-	storeOpts := storage.Options{Registerer: reg}
+	storeOpts := storage.Options{Registerer: reg, MaxRequestBytes: cfg.requestIDBytes}
 	var (
 		ring   *replication.Ring
 		client kubernetes.Interface
@@ -173,6 +178,9 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 			return fmt.Errorf("%w: member set %v: %w", errUsage, cfg.members, err)
 		}
 		storeOpts.Partitions, storeOpts.PartitionOf = ring.PartitionCount(), ring.Partition
+	}
+	if err := compactAtStart(ctx, cfg, log); err != nil {
+		return err
 	}
 	db, err := storage.Open(cfg.dataDir, storeOpts)
 	if err != nil {
