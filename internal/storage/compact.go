@@ -125,14 +125,16 @@ func compactWanted(opts CompactOptions, free, size int64) bool {
 
 // freeBytes returns how much of a file of size bytes holds no live page
 // (the freelist, which bbolt rebuilds when it opens a file read-write,
-// plus the tail past the high-water mark), and how much does.
+// pages freed but still pinned by a reader, and the tail past the
+// high-water mark), and how much does.
 func freeBytes(bdb *bolt.DB, size int64) (free, used int64) {
 	var hwm int64
 	_ = bdb.View(func(tx *bolt.Tx) error {
 		hwm = tx.Size()
 		return nil
 	})
-	free = int64(bdb.Stats().FreePageN)*int64(bdb.Info().PageSize) + max(size-hwm, 0)
+	st := bdb.Stats()
+	free = int64(st.FreePageN+st.PendingPageN)*int64(bdb.Info().PageSize) + max(size-hwm, 0)
 	return free, max(size-free, 0)
 }
 

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/prometheus/client_golang/prometheus"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -190,5 +191,43 @@ func TestOpen_RemovesInterruptedCompactCopy(t *testing.T) {
 	openTest(t, dir)
 	if _, err := os.Stat(tmp); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("Open left the interrupted copy: %v", err)
+	}
+}
+
+func TestDB_FileMetrics_ShowWhatCompactWouldFree(t *testing.T) {
+	dir := t.TempDir()
+	fragmented(t, dir)
+	reg := prometheus.NewRegistry()
+	db, err := Open(dir, Options{Registerer: reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(filepath.Join(dir, FileName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	gauge := func(name string) float64 {
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mf := range mfs {
+			if mf.GetName() == name {
+				return mf.GetMetric()[0].GetGauge().GetValue()
+			}
+		}
+		t.Fatalf("no metric %s", name)
+		return 0
+	}
+	file, free := gauge("store_storage_file_bytes"), gauge("store_storage_free_bytes")
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	res, err := Compact(context.Background(), dir, CompactOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if file != float64(fi.Size()) || free != float64(res.FreeBytes) || free < file/2 {
+		t.Fatalf("file_bytes %v, free_bytes %v; want %d and Compact's free bytes %d, over half the file", file, free, fi.Size(), res.FreeBytes)
 	}
 }

@@ -240,6 +240,14 @@ func Open(dir string, opts Options) (*DB, error) {
 		})
 	})
 	db.metrics.setRequestBytes(db.requestBytes)
+	db.metrics.watchFile(opts.Registerer, func() (file, free int64) {
+		fi, err := os.Stat(path)
+		if err != nil {
+			return 0, 0
+		}
+		free, _ = freeBytes(db.bolt, fi.Size())
+		return fi.Size(), free
+	})
 	go db.commitLoop()
 	return db, nil
 }

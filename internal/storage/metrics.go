@@ -67,3 +67,26 @@ func (m *metrics) setTombstones(n int) { m.tombstones.Set(float64(n)) }
 func (m *metrics) setRequestBytes(n int64) { m.requestBytes.Set(float64(n)) }
 
 func (m *metrics) addRequestsEvicted(n int) { m.requestsEvicted.Add(float64(n)) }
+
+// watchFile registers the file's size and its free part, read at each
+// scrape: the free part is what compaction would give back (README:
+// --compact-at-start-free-ratio).
+func (m *metrics) watchFile(reg prometheus.Registerer, sizes func() (file, free int64)) {
+	if reg == nil {
+		return
+	}
+	reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: "store",
+			Subsystem: "storage",
+			Name:      "file_bytes",
+			Help:      "Size of the bbolt file on disk.",
+		}, func() float64 { f, _ := sizes(); return float64(f) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: "store",
+			Subsystem: "storage",
+			Name:      "free_bytes",
+			Help:      "Bytes of the bbolt file holding no live page (free pages and the unused tail): what store compact would give back.",
+		}, func() float64 { _, f := sizes(); return float64(f) }),
+	)
+}
