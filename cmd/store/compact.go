@@ -45,11 +45,12 @@ func runCompact(args []string, getenv func(string) string, stdout, stderr io.Wri
 	defer stop()
 	res, err := storage.Compact(ctx, cfg.dataDir, storage.CompactOptions{LockTimeout: cfg.lockTimeout})
 	if err != nil {
-		hint := "the file is unchanged"
+		attrs := []any{"data_dir", cfg.dataDir, "err", err.Error()}
 		if errors.Is(err, storage.ErrLocked) {
-			hint = "a store is running on this directory: stop it first, or start it with --compact-at-start-free-ratio"
+			attrs = append(attrs, "hint", "a store is running on this directory: stop it first, or start it with --compact-at-start-free-ratio")
 		}
-		log.Error("compaction failed", "data_dir", cfg.dataDir, "err", err.Error(), "hint", hint)
+		// Whatever failed, the rename did not happen: the file is as it was.
+		log.Error("compaction failed; the data file is unchanged", attrs...)
 		return 1
 	}
 	line, _ := json.Marshal(compactReport{

@@ -114,7 +114,9 @@ func TestDisk_SteadyWorkload_Plateaus(t *testing.T) {
 //	STORE_DISK_MEASURE=1 go test ./internal/storage -run TestDisk_Measure -v
 //
 // STORE_DISK_ROUNDS (default 12) and STORE_DISK_KEYS (default 2000)
-// change the workload's length and key set.
+// change the workload's length and key set; with STORE_DISK_DIR each case
+// writes its store to a folder there and leaves it, uncompacted, for
+// `store compact`.
 func TestDisk_Measure(t *testing.T) {
 	if os.Getenv("STORE_DISK_MEASURE") == "" {
 		t.Skip("set STORE_DISK_MEASURE=1 to measure")
@@ -139,9 +141,12 @@ func TestDisk_Measure(t *testing.T) {
 			return small(r)
 		}},
 	}
-	for _, tt := range tests {
+	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			dir := t.TempDir()
+			dir, keep := t.TempDir(), os.Getenv("STORE_DISK_DIR")
+			if keep != "" {
+				dir = filepath.Join(keep, strconv.Itoa(i))
+			}
 			db, err := Open(dir, Options{NoSync: true, MaxRequestBytes: 256 << 10})
 			if err != nil {
 				t.Fatal(err)
@@ -152,11 +157,15 @@ func TestDisk_Measure(t *testing.T) {
 			if err := db.Close(); err != nil {
 				t.Fatal(err)
 			}
+			t.Logf("file MiB after each round: %v", files)
+			if keep != "" {
+				t.Logf("left in %s", dir)
+				return
+			}
 			res, err := Compact(context.Background(), dir, CompactOptions{})
 			if err != nil {
 				t.Fatal(err)
 			}
-			t.Logf("file MiB after each round: %v", files)
 			t.Logf("compact: %.1f MiB (%.1f MiB free) -> %.1f MiB in %s",
 				float64(res.BeforeBytes)/(1<<20), float64(res.FreeBytes)/(1<<20), float64(res.AfterBytes)/(1<<20), res.Took.Round(time.Millisecond))
 		})

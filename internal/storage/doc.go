@@ -20,6 +20,10 @@
 //     epoch and decides who may write.
 //   - validate that values are JSON or bound their size; the API layer does.
 //   - garbage-collect tombstones (they are small; see DESIGN.md).
+//   - shrink its file: freed pages are reused, never returned, and large
+//     values fragment them; Compact rewrites a closed file without them.
+//   - keep a request id past Options.RequestTTL or Options.MaxRequestBytes,
+//     whichever ends first; a retry after that is applied again.
 //
 // The on-disk layout is described in DESIGN.md beside this file.
 package storage
