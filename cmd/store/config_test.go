@@ -75,6 +75,8 @@ func TestParseConfig(t *testing.T) {
 		{"free ratio not a number", nil, map[string]string{"STORE_COMPACT_AT_START_FREE_RATIO": "half"}, nil, "STORE_COMPACT_AT_START_FREE_RATIO"},
 		{"negative min free bytes", []string{"--compact-at-start-min-free-bytes", "-1"}, nil, nil, "--compact-at-start-min-free-bytes"},
 		{"request id bytes too small", []string{"--request-id-bytes", "1000"}, nil, nil, "--request-id-bytes"},
+		{"in-flight bytes below the value limit", []string{"--max-value-bytes", "4194304", "--max-inflight-bytes", "1048576"}, nil, nil, "--max-inflight-bytes"},
+		{"in-flight bytes from the environment", nil, map[string]string{"STORE_MAX_INFLIGHT_BYTES": "-1"}, nil, "--max-inflight-bytes"},
 		{"request id bytes from env", nil, map[string]string{"STORE_REQUEST_ID_BYTES": "8388608"},
 			func(c config) bool { return c.requestIDBytes == 8<<20 }, ""},
 	}

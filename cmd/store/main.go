@@ -212,13 +212,14 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 		nd        *node.Node
 		nodeCfg   = node.Config{Self: cfg.nodeID, Store: db, Logger: log}
 		apiCfg    = api.Config{
-			NodeID:        cfg.nodeID,
-			BuildVersion:  buildVersion(),
-			Stats:         db,
-			MaxValueBytes: cfg.maxValueBytes,
-			Logger:        log,
-			Registerer:    reg,
-			Gatherer:      reg,
+			NodeID:           cfg.nodeID,
+			BuildVersion:     buildVersion(),
+			Stats:            db,
+			MaxValueBytes:    cfg.maxValueBytes,
+			MaxInflightBytes: cfg.maxInflightBytes,
+			Logger:           log,
+			Registerer:       reg,
+			Gatherer:         reg,
 		}
 	)
 	if restCfg != nil {

@@ -70,6 +70,7 @@ var errorTable = []struct {
 	{errValueTooLarge, http.StatusRequestEntityTooLarge, "value_too_large"},
 	{errUnsupportedMedia, http.StatusUnsupportedMediaType, "unsupported_media_type"},
 	{errNotReady, http.StatusServiceUnavailable, "not_ready"},
+	{errOverloaded, http.StatusServiceUnavailable, "overloaded"},
 	{node.ErrNotReady, http.StatusServiceUnavailable, "not_ready"},
 	{peerhttp.ErrServerClosed, http.StatusServiceUnavailable, "shutting_down"},
 	{node.ErrTooStale, http.StatusServiceUnavailable, "too_stale"},

@@ -18,6 +18,8 @@ type httpMetrics struct {
 	// comes from a fixed set.
 	routes map[string]bool
 	codes  map[int]bool
+	// overloaded counts requests refused for the in-flight byte budget.
+	overloaded prometheus.Counter
 }
 
 // Label values that stand for everything outside the fixed sets.
@@ -42,7 +44,11 @@ func newHTTPMetrics(reg prometheus.Registerer) *httpMetrics {
 			Buckets:   prometheus.ExponentialBuckets(0.0001, 2, 16), // 100µs .. ~3.3s
 		}, []string{"route", "method", "code"}),
 	}
-	reg.MustRegister(m.requests, m.latency)
+	m.overloaded = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "store", Subsystem: "http", Name: "overloaded_total",
+		Help: "Requests refused (503 overloaded) because the bodies in flight filled --max-inflight-bytes.",
+	})
+	reg.MustRegister(m.requests, m.latency, m.overloaded)
 	// The codes this server answers: its error table, the successes, a
 	// peer-stream upgrade, and 500 for what the table does not know.
 	// Relayed peer answers carry the peer's table, the same set unless a
@@ -55,6 +61,14 @@ func newHTTPMetrics(reg prometheus.Registerer) *httpMetrics {
 		m.codes[row.status] = true
 	}
 	return m
+}
+
+// watchBudget exports the bytes of request bodies held now.
+func (m *httpMetrics) watchBudget(reg prometheus.Registerer, b *byteBudget) {
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: "store", Subsystem: "http", Name: "inflight_body_bytes",
+		Help: "Bytes of request bodies this node holds now (bounded by --max-inflight-bytes).",
+	}, func() float64 { return float64(b.inUse()) }))
 }
 
 // setRoutes fixes the route label values to the patterns routes serves.

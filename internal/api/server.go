@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	"github.com/go-chi/chi/v5"
 	"github.com/prometheus/client_golang/prometheus"
@@ -67,6 +68,12 @@ type Config struct {
 	Stats Stats
 	// MaxValueBytes bounds a value's size. Default 1 MiB.
 	MaxValueBytes int64
+	// MaxInflightBytes bounds the request bodies this node holds at once
+	// (see byteBudget). Default 64 MiB; at least MaxValueBytes.
+	MaxInflightBytes int64
+	// InflightWait is how long a body that does not fit waits for others
+	// to finish before 503 overloaded. Default 2s.
+	InflightWait time.Duration
 	// Logger receives one line per request (debug) and per failure.
 	// Default: slog.Default().
 	Logger *slog.Logger
@@ -91,6 +98,9 @@ type Config struct {
 // DefaultMaxValueBytes is the default --max-value-bytes.
 const DefaultMaxValueBytes = 1 << 20
 
+// DefaultMaxInflightBytes is the default --max-inflight-bytes.
+const DefaultMaxInflightBytes = 64 << 20
+
 // Server is the HTTP API of one node.
 type Server struct {
 	cfg     Config
@@ -98,6 +108,8 @@ type Server struct {
 	ready   atomic.Bool
 	handler http.Handler
 	metrics *httpMetrics
+	// bodies bounds the request bodies held at once.
+	bodies *byteBudget
 	// streams serves the multiplexed connections other nodes send their
 	// calls over (internal/peerhttp; cluster mode only).
 	streams *peerhttp.Server
@@ -114,6 +126,15 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.MaxValueBytes < 0 {
 		return nil, fmt.Errorf("api: MaxValueBytes must be positive, got %d", cfg.MaxValueBytes)
+	}
+	if cfg.MaxInflightBytes == 0 {
+		cfg.MaxInflightBytes = max(DefaultMaxInflightBytes, cfg.MaxValueBytes)
+	}
+	if cfg.MaxInflightBytes < cfg.MaxValueBytes {
+		return nil, fmt.Errorf("api: MaxInflightBytes (%d) must be at least MaxValueBytes (%d)", cfg.MaxInflightBytes, cfg.MaxValueBytes)
+	}
+	if cfg.InflightWait <= 0 {
+		cfg.InflightWait = 2 * time.Second
 	}
 	if cfg.Node.Clustered() {
 		switch {
@@ -134,7 +155,9 @@ func New(cfg Config) (*Server, error) {
 		cfg:     cfg,
 		log:     cfg.Logger.With("component", "api"),
 		metrics: newHTTPMetrics(cfg.Registerer),
+		bodies:  newByteBudget(cfg.MaxInflightBytes, cfg.InflightWait),
 	}
+	s.metrics.watchBudget(cfg.Registerer, s.bodies)
 	routes := s.routes()
 	if err := s.metrics.setRoutes(routes); err != nil {
 		return nil, fmt.Errorf("api: list routes: %w", err)
@@ -339,6 +362,11 @@ type writeBody struct {
 func (s *Server) put(w http.ResponseWriter, r *http.Request) {
 	wr, pre, o, err := s.parseWrite(r, false)
 	if err == nil {
+		var release func()
+		release, err = s.reserveBody(r)
+		defer release()
+	}
+	if err == nil {
 		wr.Value, err = readValue(w, r, s.cfg.MaxValueBytes)
 	}
 	if err != nil {
@@ -357,6 +385,27 @@ func (s *Server) put(w http.ResponseWriter, r *http.Request) {
 		status = http.StatusCreated
 	}
 	writeJSON(w, status, writeBody{Key: wr.Key, Version: res.Version.String(), Created: res.Created})
+}
+
+// reserveBody takes the body's bytes from the node's budget before the body
+// is read, and holds them until the request is answered (the value travels
+// to the leader and the replicas meanwhile). A body without a length
+// (chunked) reserves the largest legal value; one announcing more than that
+// is refused by readValue, so it reserves nothing.
+func (s *Server) reserveBody(r *http.Request) (release func(), err error) {
+	n := r.ContentLength
+	switch {
+	case n < 0:
+		n = s.cfg.MaxValueBytes
+	case n == 0, n > s.cfg.MaxValueBytes:
+		return func() {}, nil
+	}
+	release, err = s.bodies.acquire(r.Context(), n)
+	if err != nil {
+		s.metrics.overloaded.Inc()
+		return func() {}, err
+	}
+	return release, nil
 }
 
 func (s *Server) delete(w http.ResponseWriter, r *http.Request) {

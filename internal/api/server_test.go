@@ -411,6 +411,9 @@ func TestNew_RejectsBadConfig(t *testing.T) {
 	if _, err := New(Config{Node: single, Stats: db, MaxValueBytes: -1}); err == nil {
 		t.Error("New with a negative limit succeeded")
 	}
+	if _, err := New(Config{Node: single, Stats: db, MaxValueBytes: 2 << 20, MaxInflightBytes: 1 << 20}); err == nil {
+		t.Error("New with MaxInflightBytes below MaxValueBytes succeeded")
+	}
 	clustered, err := node.New(node.Config{Self: "n1", Store: db, Leadership: &fakeLeadership{}, Peers: transport.NewInMem().Client("n1")})
 	if err != nil {
 		t.Fatal(err)
