@@ -89,6 +89,10 @@ type config struct {
 // main exits 2 on them, as flag.ExitOnError would.
 var errUsage = errors.New("invalid configuration")
 
+// defaultMaxInflightBytes is --max-inflight-bytes when it is 0 and
+// --max-value-bytes is smaller.
+const defaultMaxInflightBytes = 16 << 20
+
 // envFor maps each flag to its environment fallback.
 var envFor = map[string]string{
 	"listen":                  "STORE_LISTEN",
@@ -158,7 +162,7 @@ func parseConfig(args []string, getenv func(string) string, hostname string, std
 	fs.IntVar(&c.replicationFactor, "replication-factor", 2, "owners per key, R; ack=quorum waits for the leader and R/2 others (env STORE_REPLICATION_FACTOR)")
 	fs.DurationVar(&c.replicationTimeout, "replication-timeout", 5*time.Second, "how long a write waits for its ack level before answering 504 outcome_unknown (env STORE_REPLICATION_TIMEOUT)")
 	fs.StringVar(&c.peerTemplate, "peer-address-template", "{id}.store-peers.{namespace}.svc:8080", "host:port of a peer from its `template` with {id}, {namespace}, {ordinal} (env STORE_PEER_ADDRESS_TEMPLATE)")
-	fs.Int64Var(&c.maxInflightBytes, "max-inflight-bytes", 64<<20, "bytes of PUT bodies this node holds at once; past it a PUT waits up to 2s, then gets 503 overloaded. At least --max-value-bytes (env STORE_MAX_INFLIGHT_BYTES)")
+	fs.Int64Var(&c.maxInflightBytes, "max-inflight-bytes", 0, "bytes of PUT bodies this node holds at once; past it a PUT waits up to 2s, then gets 503 overloaded. 0: 16 MiB, or --max-value-bytes if larger; else at least --max-value-bytes (env STORE_MAX_INFLIGHT_BYTES)")
 	fs.Int64Var(&c.requestIDBytes, "request-id-bytes", 64<<20, "bytes of request ids kept to recognise retried writes for 10 minutes; past it the oldest are forgotten early (env STORE_REQUEST_ID_BYTES)")
 	fs.Float64Var(&c.compactFreeRatio, "compact-at-start-free-ratio", 0, "compact the data file before opening it when at least this `fraction` of it is free, e.g. 0.5; 0 (the default) never does (env STORE_COMPACT_AT_START_FREE_RATIO)")
 	fs.Int64Var(&c.compactMinFreeBytes, "compact-at-start-min-free-bytes", 64<<20, "and only when at least this many `bytes` are free (env STORE_COMPACT_AT_START_MIN_FREE_BYTES)")
@@ -241,6 +245,11 @@ func parseConfig(args []string, getenv func(string) string, hostname string, std
 	}
 	if c.shutdownDelay < 0 {
 		return config{}, bad("shutdown-delay", "%s must not be negative", c.shutdownDelay)
+	}
+	if c.maxInflightBytes == 0 {
+		// The README's memory bound: 16 MiB of bodies per pod keeps a
+		// leader within deploy/'s 512 MiB with 1 MiB values at full load.
+		c.maxInflightBytes = max(defaultMaxInflightBytes, c.maxValueBytes)
 	}
 	if c.maxInflightBytes < c.maxValueBytes || c.maxInflightBytes > 16<<30 {
 		return config{}, bad("max-inflight-bytes", "%d must be at least --max-value-bytes (%d) and at most 16 GiB", c.maxInflightBytes, c.maxValueBytes)

@@ -77,6 +77,8 @@ func TestParseConfig(t *testing.T) {
 		{"request id bytes too small", []string{"--request-id-bytes", "1000"}, nil, nil, "--request-id-bytes"},
 		{"in-flight bytes below the value limit", []string{"--max-value-bytes", "4194304", "--max-inflight-bytes", "1048576"}, nil, nil, "--max-inflight-bytes"},
 		{"in-flight bytes from the environment", nil, map[string]string{"STORE_MAX_INFLIGHT_BYTES": "-1"}, nil, "--max-inflight-bytes"},
+		{"in-flight bytes default: 16 MiB", nil, nil, func(c config) bool { return c.maxInflightBytes == 16<<20 }, ""},
+		{"in-flight bytes default follows a larger value limit", []string{"--max-value-bytes", "33554432"}, nil, func(c config) bool { return c.maxInflightBytes == 32<<20 }, ""},
 		{"request id bytes from env", nil, map[string]string{"STORE_REQUEST_ID_BYTES": "8388608"},
 			func(c config) bool { return c.requestIDBytes == 8<<20 }, ""},
 	}

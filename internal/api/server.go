@@ -69,7 +69,8 @@ type Config struct {
 	// MaxValueBytes bounds a value's size. Default 1 MiB.
 	MaxValueBytes int64
 	// MaxInflightBytes bounds the request bodies this node holds at once
-	// (see byteBudget). Default 64 MiB; at least MaxValueBytes.
+	// (see byteBudget). Default 16 MiB, or MaxValueBytes if larger; at
+	// least MaxValueBytes.
 	MaxInflightBytes int64
 	// InflightWait is how long a body that does not fit waits for others
 	// to finish before 503 overloaded. Default 2s.
@@ -98,8 +99,8 @@ type Config struct {
 // DefaultMaxValueBytes is the default --max-value-bytes.
 const DefaultMaxValueBytes = 1 << 20
 
-// DefaultMaxInflightBytes is the default --max-inflight-bytes.
-const DefaultMaxInflightBytes = 64 << 20
+// DefaultMaxInflightBytes is MaxInflightBytes when it is not set.
+const DefaultMaxInflightBytes = 16 << 20
 
 // Server is the HTTP API of one node.
 type Server struct {
