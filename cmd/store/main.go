@@ -190,6 +190,8 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 	// start; once it serves, the shutdown list at the end of serve takes
 	// over.
 	var undo []func() error
+	// stopFollowing ends the StatefulSet watch, if any, and waits for it.
+	stopFollowing := func() {}
 	serving := false
 	defer func() {
 		for i := len(undo) - 1; i >= 0 && !serving; i-- {
@@ -282,12 +284,19 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 		undo = append(undo, cluster.Close)
 		if cfg.statefulSet != "" {
 			followCtx, stopFollow := context.WithCancel(context.Background())
-			defer stopFollow()
-			go membership.Follow(followCtx, client, cfg.namespace, cfg.statefulSet, 2*time.Second, cfg.members, func(m []string) {
-				if err := cluster.SetMembers(m); err != nil {
-					log.Error("member set refused; keeping the old one", "members", m, "err", err)
-				}
-			}, log)
+			followed := make(chan struct{})
+			go func() {
+				defer close(followed)
+				membership.Follow(followCtx, client, cfg.namespace, cfg.statefulSet, 2*time.Second, cfg.members, func(m []string) {
+					if err := cluster.SetMembers(m); err != nil {
+						log.Error("member set refused; keeping the old one", "members", m, "err", err)
+					}
+				}, log)
+			}()
+			// Stopped, and waited for, before replication closes: a
+			// member change must not reach a closed cluster.
+			stopFollowing = func() { stopFollow(); <-followed }
+			undo = append(undo, func() error { stopFollowing(); return nil })
 		}
 	}
 
@@ -418,6 +427,7 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 			// ... and tells the members, so one takes over at once
 			// instead of at its next retry period.
 			step{"tell the members the Lease is free", 0, func(ctx context.Context) error { nd.NotifyLeaseReleased(ctx); return nil }},
+			step{"stop following the StatefulSet", 0, func(context.Context) error { stopFollowing(); return nil }},
 			step{"stop replication", 0, func(context.Context) error { return cluster.Close() }},
 			step{"close peer connections", 0, func(context.Context) error {
 				return errors.Join(closeCarrier(peers.RoundTripper())(), closeCarrier(replPeers.RoundTripper())())
