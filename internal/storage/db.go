@@ -151,10 +151,12 @@ type DB struct {
 	// requestRecordBytes), also owned by the committer once Open returns.
 	requestBytes int64
 
-	// digests and the change broadcast; see digest.go.
-	// tombstones counts the deleted keys still kept, under digMu.
+	// digests and the change broadcast; see digest.go. live counts the
+	// keys held undeleted and tombstones the deleted keys still kept,
+	// under digMu.
 	digMu      sync.Mutex
 	digests    []uint64
+	live       int
 	tombstones int
 	changed    chan struct{}
 }

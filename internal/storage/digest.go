@@ -31,14 +31,15 @@ func entryHash(key string, v Version) uint64 {
 	return d.Sum64()
 }
 
-// loadDigests builds the partition digests and counts the tombstones from
-// the file once, at Open; commits keep both current after that.
+// loadDigests builds the partition digests and counts the live keys and
+// tombstones from the file once, at Open; commits keep them current after
+// that.
 func (db *DB) loadDigests() error {
 	var dig []uint64
 	if db.opts.Partitions > 0 {
 		dig = make([]uint64, db.opts.Partitions)
 	}
-	tombs := 0
+	live, tombs := 0, 0
 	err := db.bolt.View(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketKV).ForEach(func(k, raw []byte) error {
 			v, deleted, ok := recordVersion(raw)
@@ -47,6 +48,8 @@ func (db *DB) loadDigests() error {
 			}
 			if deleted {
 				tombs++
+			} else {
+				live++
 			}
 			if dig != nil {
 				dig[db.partition(string(k))] ^= entryHash(string(k), v)
@@ -57,8 +60,8 @@ func (db *DB) loadDigests() error {
 	if err != nil {
 		return fmt.Errorf("build partition digests: %w", err)
 	}
-	db.digests, db.tombstones = dig, tombs
-	db.metrics.setTombstones(tombs)
+	db.digests, db.live, db.tombstones = dig, live, tombs
+	db.metrics.setCounts(live, tombs)
 	return nil
 }
 
@@ -80,12 +83,8 @@ func (db *DB) noteChanges(changes []change) {
 	}
 	db.digMu.Lock()
 	for _, c := range changes {
-		if !c.old.IsZero() && c.oldDeleted {
-			db.tombstones--
-		}
-		if !c.new.IsZero() && c.newDeleted {
-			db.tombstones++
-		}
+		db.count(c.old, c.oldDeleted, -1)
+		db.count(c.new, c.newDeleted, +1)
 		if db.digests == nil {
 			continue
 		}
@@ -97,10 +96,30 @@ func (db *DB) noteChanges(changes []change) {
 			db.digests[p] ^= entryHash(c.key, c.new)
 		}
 	}
-	db.metrics.setTombstones(db.tombstones)
+	db.metrics.setCounts(db.live, db.tombstones)
 	close(db.changed)
 	db.changed = make(chan struct{})
 	db.digMu.Unlock()
+}
+
+// count adds by to the live keys or the tombstones for a record at version
+// v (zero: no record), under digMu.
+func (db *DB) count(v Version, deleted bool, by int) {
+	switch {
+	case v.IsZero():
+	case deleted:
+		db.tombstones += by
+	default:
+		db.live += by
+	}
+}
+
+// Keys is how many keys this node holds a live (not deleted) record of:
+// on a follower, its share of the ring plus any copies not yet collected.
+func (db *DB) Keys() int {
+	db.digMu.Lock()
+	defer db.digMu.Unlock()
+	return db.live
 }
 
 // Tombstones is how many deleted keys this node still keeps a tombstone of.

@@ -268,3 +268,74 @@ func TestPages_BoundedByBytes_CoverEverythingOnce(t *testing.T) {
 		t.Fatalf("LookupMany(k01, nope, k10, k11) with a 1 KiB bound: %d entries covering %d keys, %v; want k01 covering 2", len(got), covered, err)
 	}
 }
+
+// The live-key and tombstone counts (store_storage_keys and
+// store_storage_tombstones) follow every kind of commit, and a reopen
+// counts the same from the file.
+func TestCounts_FollowEveryCommitAndReopen(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	db, err := Open(dir, partitionedOpts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = db.Close() }()
+	var last Result
+	for _, tc := range []struct {
+		name             string
+		do               func() error
+		live, tombstones int
+	}{
+		{"two puts", func() error {
+			put(t, db, "a", "1")
+			last = put(t, db, "b", "1")
+			return nil
+		}, 2, 0},
+		{"an overwrite", func() error { put(t, db, "a", "2"); return nil }, 2, 0},
+		{"a delete", func() error {
+			var err error
+			last, err = db.Apply(ctx, Mutation{Key: "b", Delete: true, Epoch: 1})
+			return err
+		}, 1, 1},
+		{"a replicated tombstone of a key never held", func() error {
+			_, err := db.ApplyReplicated(ctx, 2, []Entry{{Key: "never", Version: Version{2, 99}, Deleted: true}})
+			return err
+		}, 1, 2},
+		{"a replicated put over a tombstone", func() error {
+			_, err := db.ApplyReplicated(ctx, 2, []Entry{{Key: "never", Value: []byte("3"), Version: Version{2, 100}}})
+			return err
+		}, 2, 1},
+		{"a replicated older put changes nothing", func() error {
+			_, err := db.ApplyReplicated(ctx, 2, []Entry{{Key: "b", Value: []byte("0"), Version: Version{1, 1}}})
+			return err
+		}, 2, 1},
+		{"forget of the tombstone", func() error {
+			_, err := db.Forget(ctx, 2, []Entry{last.Entry})
+			return err
+		}, 2, 0},
+		{"forget of a version no longer held changes nothing", func() error {
+			_, err := db.Forget(ctx, 2, []Entry{{Key: "a", Version: Version{1, 1}}})
+			return err
+		}, 2, 0},
+		{"forget of a live copy", func() error {
+			_, err := db.Forget(ctx, 2, []Entry{{Key: "never", Version: Version{2, 100}}})
+			return err
+		}, 1, 0},
+	} {
+		if err := tc.do(); err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		if live, tombs := db.Keys(), db.Tombstones(); live != tc.live || tombs != tc.tombstones {
+			t.Fatalf("after %s: %d live keys and %d tombstones, want %d and %d", tc.name, live, tombs, tc.live, tc.tombstones)
+		}
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if db, err = Open(dir, partitionedOpts()); err != nil {
+		t.Fatal(err)
+	}
+	if live, tombs := db.Keys(), db.Tombstones(); live != 1 || tombs != 0 {
+		t.Fatalf("after reopen: %d live keys and %d tombstones, want 1 and 0", live, tombs)
+	}
+}

@@ -9,6 +9,7 @@ import (
 type metrics struct {
 	commitSeconds prometheus.Histogram
 	batchSize     prometheus.Histogram
+	keys          prometheus.Gauge
 	tombstones    prometheus.Gauge
 	requestBytes  prometheus.Gauge
 	// requestsEvicted counts request ids forgotten before their TTL
@@ -32,6 +33,12 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help:      "Mutations carried by one group-commit transaction.",
 			Buckets:   prometheus.ExponentialBuckets(1, 2, 11), // 1 .. 1024
 		}),
+		keys: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "store",
+			Subsystem: "storage",
+			Name:      "keys",
+			Help:      "Keys this node holds undeleted: every key on the leader; a follower's owned share, plus copies collection has not dropped yet.",
+		}),
 		tombstones: prometheus.NewGauge(prometheus.GaugeOpts{
 			Namespace: "store",
 			Subsystem: "storage",
@@ -52,7 +59,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.commitSeconds, m.batchSize, m.tombstones, m.requestBytes, m.requestsEvicted)
+		reg.MustRegister(m.commitSeconds, m.batchSize, m.keys, m.tombstones, m.requestBytes, m.requestsEvicted)
 	}
 	return m
 }
@@ -62,7 +69,10 @@ func (m *metrics) observeCommit(d time.Duration, n int) {
 	m.batchSize.Observe(float64(n))
 }
 
-func (m *metrics) setTombstones(n int) { m.tombstones.Set(float64(n)) }
+func (m *metrics) setCounts(live, tombstones int) {
+	m.keys.Set(float64(live))
+	m.tombstones.Set(float64(tombstones))
+}
 
 func (m *metrics) setRequestBytes(n int64) { m.requestBytes.Set(float64(n)) }
 
