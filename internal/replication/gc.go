@@ -66,7 +66,7 @@ func (g *collector) run(ctx context.Context) {
 		if epoch, open := c.WriteGate(); open && c.gate.caughtUp.Load() == epoch {
 			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 			if err := g.once(cctx, epoch); err != nil && ctx.Err() == nil {
-				c.log.Debug("collection skipped", "err", err)
+				c.log.Debug("collection blocked", "err", err)
 			}
 			cancel()
 		}
@@ -103,12 +103,33 @@ func (g *collector) horizon() uint64 {
 	return g.samples[0].seq
 }
 
-// once is one collection round in term epoch.
-func (g *collector) once(ctx context.Context, epoch uint64) error {
+// errMemberDown ends a collection round early: a member the leader knows
+// to be down may hold anything (rule 3 of DESIGN.md's "Collection").
+var errMemberDown = errors.New("a member is down")
+
+// once is one collection round in term epoch. A round with nothing old
+// enough to look at is not counted; every other ends complete or blocked.
+func (g *collector) once(ctx context.Context, epoch uint64) (err error) {
 	c := g.c
 	h := g.horizon()
 	if h == 0 {
 		return nil
+	}
+	defer func() {
+		outcome := "complete"
+		if err != nil {
+			outcome = "blocked"
+		}
+		c.m.collectRounds.WithLabelValues(outcome).Inc()
+	}()
+	// Such a member would fail the digests call below anyway, but only
+	// after the barrier had waited for its queue (which holds until it
+	// returns) until the round timed out: the operator would see nothing
+	// for 30 s a round. Say so at once instead.
+	for _, id := range c.members() {
+		if id != c.cfg.Self && c.down(id) {
+			return fmt.Errorf("%w: %s", errMemberDown, id)
+		}
 	}
 	g.mu.Lock()
 	after := g.after

@@ -2,6 +2,7 @@ package replication
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"testing"
 	"time"
@@ -66,11 +67,22 @@ func TestCollect_OwnerMissedDeletes_ThenLeads_NothingResurrected(t *testing.T) {
 			t.Fatalf("the horizon stayed at %d, below the deletes' %d", leader.c.gc.horizon(), last)
 		}
 	}
+	for deadline := time.Now().Add(5 * time.Second); !leader.c.down(missed.id); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the leader never noticed %s down", missed.id)
+		}
+	}
 	epoch, _ := leader.c.WriteGate()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if err := leader.c.gc.once(ctx, epoch); err == nil {
-		t.Fatal("a collection round succeeded with a member down")
+	// Blocked at once: the barrier would otherwise wait for the queue of
+	// the member that is down until ctx ends.
+	start := time.Now()
+	if err := leader.c.gc.once(ctx, epoch); !errors.Is(err, errMemberDown) {
+		t.Fatalf("a collection round with a member down: %v, want errMemberDown", err)
+	}
+	if took := time.Since(start); took > time.Second {
+		t.Fatalf("the blocked round took %s", took)
 	}
 	if n := leader.db.Tombstones(); n != 20 {
 		t.Fatalf("leader keeps %d tombstones with a member down, want all 20", n)

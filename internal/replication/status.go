@@ -93,6 +93,7 @@ type clusterMetrics struct {
 	// Leader: what collection removed.
 	tombstonesCollected prometheus.Counter
 	movedDropped        prometheus.Counter
+	collectRounds       *prometheus.CounterVec
 }
 
 func newClusterMetrics(reg prometheus.Registerer, c *Cluster) *clusterMetrics {
@@ -141,12 +142,20 @@ func newClusterMetrics(reg prometheus.Registerer, c *Cluster) *clusterMetrics {
 			Name: "store_replication_moved_copies_dropped_total",
 			Help: "Copies this leader had members drop from partitions they no longer own, once the owners held them.",
 		}),
+		collectRounds: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "store_replication_collection_rounds_total",
+			Help: "Collection rounds this leader ran with something old enough to collect: complete, or blocked (a member down or not answering, entries still queued, a forget that failed); blocked rounds collect nothing anywhere they did not reach.",
+		}, []string{"outcome"}),
 	}
 	if reg == nil {
 		return m
 	}
 	self := c.cfg.Self
-	reg.MustRegister(m.replicate, m.catchUp, m.writeGate, m.catchUpKeys, m.repairedKeys, m.repairedPartitions, m.readIndexBatch, m.standIns, m.tombstonesCollected, m.movedDropped,
+	reg.MustRegister(m.replicate, m.catchUp, m.writeGate, m.catchUpKeys, m.repairedKeys, m.repairedPartitions, m.readIndexBatch, m.standIns, m.tombstonesCollected, m.movedDropped, m.collectRounds,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "store_replication_collection_horizon_seq",
+			Help: "Highest seq this node had seen --tombstone-ttl ago: as leader it collects only versions at or below it (0: collection off, or not yet a TTL since start).",
+		}, func() float64 { return float64(c.gc.horizon()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "store_replication_partitions_owned",
 			Help: "Partitions this node owns under the current ring.",
