@@ -216,11 +216,12 @@ func TestReplication_10kKeys_OnTheirOwners_OwnerKilled_Converges(t *testing.T) {
 
 // startStatefulSetCluster creates the StatefulSet "store" (no controller
 // runs, so it only carries spec.replicas) and starts its pods store-0 ..
-// store-(replicas-1) as processes on 127.0.0.<ordinal>, following it.
-func startStatefulSetCluster(t *testing.T, replicas, maxReplicas int) *cluster {
+// store-(replicas-1) as processes on 127.0.0.<ordinal>, following it, each
+// with extraArgs.
+func startStatefulSetCluster(t *testing.T, replicas, maxReplicas int, extraArgs ...string) *cluster {
 	t.Helper()
 	cp := kubetest.Start(t)
-	c := &cluster{t: t, cp: cp, nodes: map[string]*proc{}, dirs: map[string]string{}, statefulSet: "store"}
+	c := &cluster{t: t, cp: cp, nodes: map[string]*proc{}, dirs: map[string]string{}, statefulSet: "store", extraArgs: extraArgs}
 	if err := cp.ApplyRBAC(context.Background(), testNS); err != nil {
 		t.Fatal(err)
 	}
