@@ -261,6 +261,8 @@ func TestCollection_OwnerDownDuringDeletes_NoDeletedKeyReappears(t *testing.T) {
 		t.Fatalf("the leader holds %v keys, want the %d kept", got, len(kept))
 	}
 	c.checkKeys(t, client, c.ids(), kept, deleted, "after collection, "+victim+" a follower")
+	// The stand-ins' copies of kept keys are gone too.
+	c.awaitOwnedShare(t, ring, leader, c.ids(), kept)
 
 	// Now the owner that missed the deletes leads. The others are stopped so
 	// that it is the only candidate: the third killed, the leader
@@ -297,6 +299,8 @@ func TestCollection_OwnerDownDuringDeletes_NoDeletedKeyReappears(t *testing.T) {
 			t.Fatalf("%s holds %v tombstones after the leader change", id, n)
 		}
 	}
+	// The old leader held every key; as a follower it keeps only its share.
+	c.awaitOwnedShare(t, ring, victim, c.ids(), kept)
 	t.Logf("test took %s", time.Since(start).Round(time.Millisecond))
 }
 
@@ -409,7 +413,7 @@ func (c *cluster) awaitOwnedShare(t *testing.T, ring *replication.Ring, leader s
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	t.Logf("each node holds exactly its owned share of %d keys %s after the writers stopped: %v (leader %s)", len(written), time.Since(start).Round(time.Millisecond), want, leader)
+	t.Logf("each node holds exactly its owned share of %d keys (%s after this check began): %v (leader %s)", len(written), time.Since(start).Round(time.Millisecond), want, leader)
 }
 
 // lost returns the keys of written that a strong read through ids does not
