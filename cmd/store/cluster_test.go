@@ -168,9 +168,15 @@ var shortClient = &http.Client{Timeout: 2 * time.Second}
 // metric reads one unlabelled sample from a node's /metrics (-1 if absent).
 func (c *cluster) metric(id, name string) float64 {
 	c.t.Helper()
-	resp, err := shortClient.Get("http://" + c.addr(id) + "/metrics")
+	return metricAt(c.t, c.addr(id), name)
+}
+
+// metricAt reads one unlabelled sample from /metrics at addr (-1 if absent).
+func metricAt(t *testing.T, addr, name string) float64 {
+	t.Helper()
+	resp, err := shortClient.Get("http://" + addr + "/metrics")
 	if err != nil {
-		c.t.Fatalf("metrics of %s: %v", id, err)
+		t.Fatalf("metrics of %s: %v", addr, err)
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)

@@ -153,7 +153,7 @@ func parseConfig(args []string, getenv func(string) string, hostname string, std
 	fs.DurationVar(&c.retryPeriod, "retry-period", 2*time.Second, "interval between Lease attempts (env STORE_RETRY_PERIOD)")
 	var tokenFile, members string
 	fs.Int64Var(&c.replicationQueueBytes, "replication-queue-bytes", 32<<20, "bytes of entries the leader keeps in memory for one follower that lags; past it the follower is repaired from disk (env STORE_REPLICATION_QUEUE_BYTES)")
-	fs.DurationVar(&c.tombstoneTTL, "tombstone-ttl", 0, "how old a deleted key's tombstone, or a copy a member no longer owns, must be before the leader collects it on every member; at least twice --replication-timeout; 0 (the default for now) keeps them: see the README's Limits (env STORE_TOMBSTONE_TTL)")
+	fs.DurationVar(&c.tombstoneTTL, "tombstone-ttl", 0, "how old a deleted key's tombstone, or a copy a member no longer owns, must be before the leader collects it on every member (a single node collects its own); at least twice --replication-timeout; 0 (the default for now) keeps them: see the README's Limits (env STORE_TOMBSTONE_TTL)")
 	fs.StringVar(&c.peerCarrier, "peer-carrier", "stream", "how calls to other nodes travel: stream (one multiplexed connection per peer) or h2c (unencrypted HTTP/2); every node accepts both (env STORE_PEER_CARRIER)")
 	fs.StringVar(&c.debugListen, "debug-listen", "", "serve Go profiling (/debug/pprof/) on this `host:port`; off when empty (env STORE_DEBUG_LISTEN)")
 	fs.StringVar(&members, "members", "", "fixed member set: comma-separated identities of all nodes, e.g. store-1,store-2,store-3; for clusters outside a StatefulSet (env STORE_MEMBERS)")

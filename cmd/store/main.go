@@ -322,6 +322,14 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 	if err != nil {
 		return err
 	}
+	// A single node's tombstones guard no replica: past the TTL they only
+	// take space (a cluster's leader collects its own, see replication).
+	stopCollecting := func() {}
+	if restCfg == nil && cfg.tombstoneTTL > 0 {
+		_, _, epoch := nd.Role()
+		stopCollecting = collectLocally(db, epoch, cfg.tombstoneTTL, log)
+		undo = append(undo, func() error { stopCollecting(); return nil })
+	}
 
 	// The election runs on its own context, cancelled only after HTTP has
 	// drained: releasing the Lease while writes are still in flight would
@@ -434,7 +442,9 @@ func serve(ctx context.Context, cfg config, getenv func(string) string, log *slo
 			}},
 		)
 	}
-	steps = append(steps, step{"close storage", 0, func(context.Context) error { return db.Close() }})
+	steps = append(steps,
+		step{"stop collecting tombstones", 0, func(context.Context) error { stopCollecting(); return nil }},
+		step{"close storage", 0, func(context.Context) error { return db.Close() }})
 	shutdown(log, steps)
 	if serveFailed != nil {
 		return serveFailed
@@ -567,4 +577,36 @@ func buildVersion() string {
 		}
 	}
 	return v
+}
+
+// collectLocally removes a single node's tombstones once they are ttl old,
+// every tenth of ttl (at least a second), until the returned stop is called
+// (which waits for a round under way).
+func collectLocally(db *storage.DB, epoch uint64, ttl time.Duration, log *slog.Logger) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	horizon := storage.NewSeqHorizon(ttl)
+	go func() {
+		defer close(done)
+		t := time.NewTicker(max(ttl/10, time.Second))
+		defer t.Stop()
+		for {
+			horizon.Sample(db.LastSeq())
+			if h := horizon.Seq(); h > 0 {
+				n, err := db.CollectLocal(ctx, epoch, h)
+				switch {
+				case err != nil && ctx.Err() == nil:
+					log.Warn("tombstone collection failed; retrying next round", "err", err)
+				case n > 0:
+					log.Info("collected tombstones", "tombstones", n, "horizon_seq", h)
+				}
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	return func() { cancel(); <-done }
 }

@@ -225,7 +225,7 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 	c.ri = newReadIndex(c)
 	c.repair = &repairer{c: c}
 	c.repair.want() // a pass at start
-	c.gc = &collector{c: c}
+	c.gc = &collector{c: c, horizon: storage.NewSeqHorizon(cfg.TombstoneTTL)}
 	repl, err := newReplicator(replicatorConfig{
 		Self:  cfg.Self,
 		Peers: cfg.Peers,

@@ -24,18 +24,12 @@ const collectPageBytes = 1 << 20
 type collector struct {
 	c *Cluster
 
+	// horizon says which versions are at least the TTL old.
+	horizon *storage.SeqHorizon
+
 	mu sync.Mutex
-	// samples is the highest seq seen at past instants (time since
-	// c.born), oldest first: every version at or below a sample's seq was
-	// assigned before that instant.
-	samples []seqSample
 	// after is where the scan for tombstones resumes.
 	after string
-}
-
-type seqSample struct {
-	at  time.Duration
-	seq uint64
 }
 
 // run samples the seq and, while this node leads, collects every
@@ -78,30 +72,8 @@ func (g *collector) run(ctx context.Context) {
 	}
 }
 
-// sample notes this node's highest seq now, keeping one sample older than
-// the TTL and those since.
-func (g *collector) sample() {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	now := time.Since(g.c.born)
-	g.samples = append(g.samples, seqSample{at: now, seq: g.c.cfg.Local.LastSeq()})
-	ttl := g.c.cfg.TombstoneTTL
-	for len(g.samples) > 1 && now-g.samples[1].at >= ttl {
-		g.samples = g.samples[1:]
-	}
-}
-
-// horizon is the highest seq known to have been assigned at least the TTL
-// ago (0: none yet). Only versions at or below it are ever collected.
-func (g *collector) horizon() uint64 {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	now := time.Since(g.c.born)
-	if len(g.samples) == 0 || now-g.samples[0].at < g.c.cfg.TombstoneTTL {
-		return 0
-	}
-	return g.samples[0].seq
-}
+// sample notes this node's highest seq now.
+func (g *collector) sample() { g.horizon.Sample(g.c.cfg.Local.LastSeq()) }
 
 // errMemberDown ends a collection round early: a member the leader knows
 // to be down may hold anything (rule 3 of DESIGN.md's "Collection").
@@ -111,7 +83,7 @@ var errMemberDown = errors.New("a member is down")
 // enough to look at is not counted; every other ends complete or blocked.
 func (g *collector) once(ctx context.Context, epoch uint64) (err error) {
 	c := g.c
-	h := g.horizon()
+	h := g.horizon.Seq()
 	if h == 0 {
 		return nil
 	}

@@ -62,9 +62,9 @@ func TestCollect_OwnerMissedDeletes_ThenLeads_NothingResurrected(t *testing.T) {
 	// Wait until the horizon (versions at least the TTL old) covers the
 	// deletes, so only the member that is down holds collection back.
 	last := leader.db.LastSeq()
-	for deadline := time.Now().Add(5 * time.Second); leader.c.gc.horizon() < last; time.Sleep(10 * time.Millisecond) {
+	for deadline := time.Now().Add(5 * time.Second); leader.c.gc.horizon.Seq() < last; time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
-			t.Fatalf("the horizon stayed at %d, below the deletes' %d", leader.c.gc.horizon(), last)
+			t.Fatalf("the horizon stayed at %d, below the deletes' %d", leader.c.gc.horizon.Seq(), last)
 		}
 	}
 	for deadline := time.Now().Add(5 * time.Second); !leader.c.down(missed.id); time.Sleep(10 * time.Millisecond) {

@@ -155,7 +155,7 @@ func newClusterMetrics(reg prometheus.Registerer, c *Cluster) *clusterMetrics {
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "store_replication_collection_horizon_seq",
 			Help: "Highest seq this node had seen --tombstone-ttl ago: as leader it collects only versions at or below it (0: collection off, or not yet a TTL since start).",
-		}, func() float64 { return float64(c.gc.horizon()) }),
+		}, func() float64 { return float64(c.gc.horizon.Seq()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "store_replication_partitions_owned",
 			Help: "Partitions this node owns under the current ring.",
