@@ -239,7 +239,7 @@ func TestServer_Shutdown_ServesWhatItRead_GoAwayNamesTheRest(t *testing.T) {
 	}
 	send := func(id uint64, path string) {
 		req, _ := http.NewRequest(http.MethodGet, "http://x"+path, nil)
-		if _, err := conn.Write(appendRequest(nil, id, req, nil)); err != nil {
+		if _, err := conn.Write(appendRequest(nil, id, req, nil, 0)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -416,7 +416,7 @@ func TestTransport_PeerStopsReading_ConnectionDropped_QueuedRequestsNotSent(t *t
 		}
 		c.w.mu.Lock()
 		defer c.w.mu.Unlock()
-		return len(c.w.buf) == 0 && c.nextIDForTest() == 1
+		return len(c.w.buf) == 0 && len(c.w.queued) == 0 && c.nextIDForTest() == 1
 	})
 	var wg sync.WaitGroup
 	for range 5 {
