@@ -179,11 +179,13 @@ var errBodyTooLarge = errors.New("body too large")
 
 // readBody reads a body of n bytes (-1: unknown) and at most limit into one
 // buffer of its size: a body the carrier already holds whole is taken as it
-// is, and one of a known length is read into a buffer of exactly that
-// length. A call or reply may carry a value of up to --max-value-bytes;
-// growing a buffer by doubling would hold it about twice more on the way,
-// and the decoded message keeps the buffer (decoder.bytes), so its slack
-// would stay with it (in the leader's replication queues, say).
+// is, and one of a known length ends in a buffer of exactly that length. A
+// call or reply may carry a value of up to --max-value-bytes; the decoded
+// message keeps the buffer (decoder.bytes), so slack left by growing it by
+// doubling would stay with the value (in the leader's replication queues,
+// say). The buffer grows with the bytes that arrive, never ahead of them by
+// more than what has arrived, so a peer that declares a huge body and sends
+// little costs what it sent (as peerhttp's frames).
 func readBody(body io.Reader, n, limit int64) ([]byte, error) {
 	if b, ok := body.(wholeBody); ok {
 		p := b.Bytes()
@@ -195,19 +197,29 @@ func readBody(body io.Reader, n, limit int64) ([]byte, error) {
 	if n > limit {
 		return nil, fmt.Errorf("%w: %d bytes, the limit is %d", errBodyTooLarge, n, limit)
 	}
-	if n >= 0 {
-		p := make([]byte, n)
-		if _, err := io.ReadFull(body, p); err != nil {
+	if n < 0 {
+		p, err := io.ReadAll(io.LimitReader(body, limit+1))
+		if err != nil {
 			return nil, err
+		}
+		if int64(len(p)) > limit {
+			return nil, fmt.Errorf("%w: more than %d bytes", errBodyTooLarge, limit)
 		}
 		return p, nil
 	}
-	p, err := io.ReadAll(io.LimitReader(body, limit+1))
-	if err != nil {
-		return nil, err
-	}
-	if int64(len(p)) > limit {
-		return nil, fmt.Errorf("%w: more than %d bytes", errBodyTooLarge, limit)
+	const first = 64 << 10
+	p := make([]byte, 0, min(int(n), first))
+	for len(p) < int(n) {
+		if len(p) == cap(p) {
+			// By hand: slices.Grow rounds the capacity up past n.
+			q := make([]byte, len(p), min(int(n), 2*cap(p)))
+			p = q[:copy(q, p)]
+		}
+		m, err := io.ReadFull(body, p[len(p):min(cap(p), int(n))])
+		p = p[:len(p)+m]
+		if err != nil {
+			return nil, err
+		}
 	}
 	return p, nil
 }
