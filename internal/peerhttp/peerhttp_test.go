@@ -527,3 +527,31 @@ func TestReadFrame_AllocatesWhatArrives_RefusesOverLimit(t *testing.T) {
 		})
 	}
 }
+
+// Large bodies go out by reference (frameWriter.send's tail) between small
+// frames queued around them; every request and answer still arrives whole
+// and in its own frame, and the answer's body is handed over in place.
+func TestTransport_LargeAndSmallBodiesInterleaved_ArriveWhole(t *testing.T) {
+	ps := newPeerServer(t, echo, true)
+	client := &http.Client{Transport: newTransport(t)}
+	sizes := []int{0, 1, tailBytes - 1, tailBytes, tailBytes + 1, 1 << 20, 3<<20 + 7}
+	var wg sync.WaitGroup
+	for i := range 8 * len(sizes) {
+		wg.Go(func() {
+			body := bytes.Repeat([]byte{byte('a' + i%26)}, sizes[i%len(sizes)])
+			req, _ := http.NewRequest(http.MethodPut, fmt.Sprintf("%s/k%d", ps.URL, i), bytes.NewReader(body))
+			resp, err := client.Do(req)
+			if err != nil {
+				t.Errorf("request %d: %v", i, err)
+				return
+			}
+			defer resp.Body.Close()
+			whole, inPlace := resp.Body.(interface{ Bytes() []byte })
+			got, _ := io.ReadAll(resp.Body)
+			if resp.StatusCode != http.StatusAccepted || !bytes.Equal(got, body) || !inPlace || len(whole.Bytes()) != 0 {
+				t.Errorf("request %d of %d bytes: %d, %d bytes back (equal %v), body held whole %v", i, len(body), resp.StatusCode, len(got), bytes.Equal(got, body), inPlace)
+			}
+		})
+	}
+	wg.Wait()
+}
