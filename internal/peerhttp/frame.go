@@ -10,7 +10,6 @@ import (
 	"net"
 	"net/http"
 	"runtime"
-	"slices"
 	"sync"
 	"time"
 )
@@ -81,7 +80,11 @@ func readFrame(r *bufio.Reader, maxBytes int) (frame, error) {
 	buf := make([]byte, 0, min(n, first))
 	for len(buf) < n {
 		if len(buf) == cap(buf) {
-			buf = slices.Grow(buf, min(n-len(buf), cap(buf)))
+			// Doubling by hand: slices.Grow rounds the last step up past
+			// n, and the frame is kept as the body it carries (a decoded
+			// value aliases it), so it ends at exactly n.
+			next := make([]byte, len(buf), min(n, 2*cap(buf)))
+			buf = next[:copy(next, buf)]
 		}
 		m, err := io.ReadFull(r, buf[len(buf):min(cap(buf), n)])
 		buf = buf[:len(buf)+m]

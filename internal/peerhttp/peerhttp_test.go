@@ -503,7 +503,7 @@ func TestReadFrame_AllocatesWhatArrives_RefusesOverLimit(t *testing.T) {
 	}{
 		// The counter is the process's, so the bounds leave room for
 		// whatever else runs; they are far below the declared sizes.
-		{"whole frame", 3 << 20, 3 << 20, 8 << 20, nil, 16 << 20},
+		{"whole frame", 3<<20 + 5, 3<<20 + 5, 8 << 20, nil, 16 << 20},
 		{"declares 512 MiB, sends 100 KiB", 512 << 20, 100 << 10, 1 << 30, errBadFrame, 16 << 20},
 		{"declares 900 MiB over an 8 MiB limit", 900 << 20, 100 << 10, 8 << 20, errFrameTooLarge, 16 << 20},
 	}
@@ -520,6 +520,10 @@ func TestReadFrame_AllocatesWhatArrives_RefusesOverLimit(t *testing.T) {
 			}
 			if tt.wantErr == nil && (len(f.payload) != tt.sent || f.id != 7) {
 				t.Fatalf("frame id %d with %d bytes, want id 7 with %d", f.id, len(f.payload), tt.sent)
+			}
+			// A body decoded from the frame keeps it: no slack past it.
+			if tt.wantErr == nil && cap(f.payload) != tt.sent {
+				t.Errorf("payload of %d bytes in a buffer of %d", len(f.payload), cap(f.payload))
 			}
 			if got := after.TotalAlloc - before.TotalAlloc; got > tt.maxAllocs {
 				t.Fatalf("allocated %d bytes reading it, want at most %d", got, tt.maxAllocs)
