@@ -76,17 +76,22 @@ func readFrame(r *bufio.Reader, maxBytes int) (frame, error) {
 		return frame{}, fmt.Errorf("%w: %d bytes, the limit is %d", errFrameTooLarge, n, maxBytes)
 	}
 	f := frame{kind: hdr[4], id: binary.BigEndian.Uint64(hdr[5:13])}
-	const first = 64 << 10
-	buf := make([]byte, 0, min(n, first))
+	// Each step doubles what has arrived, and the steps are chosen back
+	// from n (n/2^k, ..., n/2, n), so the last one is exactly n and all of
+	// them together allocate at most 2n; doubling up from a fixed start
+	// would end just past a power of two with one more buffer of nearly n.
+	shift := 0
+	for n>>shift > 64<<10 {
+		shift++
+	}
+	buf := make([]byte, 0, ceilShift(n, shift))
 	for len(buf) < n {
 		if len(buf) == cap(buf) {
-			// Doubling by hand: slices.Grow rounds the last step up past
-			// n, and the frame is kept as the body it carries (a decoded
-			// value aliases it), so it ends at exactly n.
-			next := make([]byte, len(buf), min(n, 2*cap(buf)))
+			shift--
+			next := make([]byte, len(buf), ceilShift(n, shift))
 			buf = next[:copy(next, buf)]
 		}
-		m, err := io.ReadFull(r, buf[len(buf):min(cap(buf), n)])
+		m, err := io.ReadFull(r, buf[len(buf):cap(buf)])
 		buf = buf[:len(buf)+m]
 		if err != nil {
 			return frame{}, fmt.Errorf("%w: truncated: %w", errBadFrame, err)
@@ -112,6 +117,9 @@ func (f *frameBody) Bytes() []byte { return f.b[len(f.b)-f.Len():] }
 
 // Close implements io.Closer; there is nothing to release.
 func (f *frameBody) Close() error { return nil }
+
+// ceilShift is n / 2^shift, rounded up.
+func ceilShift(n, shift int) int { return (n + 1<<shift - 1) >> shift }
 
 // beginFrame appends a frame header with a placeholder length; endFrame
 // fills it in once the payload is appended.

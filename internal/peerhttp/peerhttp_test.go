@@ -503,7 +503,10 @@ func TestReadFrame_AllocatesWhatArrives_RefusesOverLimit(t *testing.T) {
 	}{
 		// The counter is the process's, so the bounds leave room for
 		// whatever else runs; they are far below the declared sizes.
-		{"whole frame", 3<<20 + 5, 3<<20 + 5, 8 << 20, nil, 16 << 20},
+		// A frame just past a power of two: the steps end at its size,
+		// together at most twice it.
+		{"whole frame", 3<<20 + 5, 3<<20 + 5, 8 << 20, nil, 2*(3<<20+5) + 1<<20},
+		{"whole frame past a power of two", 1<<20 + 100, 1<<20 + 100, 8 << 20, nil, 2*(1<<20+100) + 1<<20},
 		{"declares 512 MiB, sends 100 KiB", 512 << 20, 100 << 10, 1 << 30, errBadFrame, 16 << 20},
 		{"declares 900 MiB over an 8 MiB limit", 900 << 20, 100 << 10, 8 << 20, errFrameTooLarge, 16 << 20},
 	}

@@ -207,15 +207,21 @@ func readBody(body io.Reader, n, limit int64) ([]byte, error) {
 		}
 		return p, nil
 	}
-	const first = 64 << 10
-	p := make([]byte, 0, min(int(n), first))
-	for len(p) < int(n) {
+	// Each step doubles what has arrived, and the steps are chosen back
+	// from n (n/2^k, ..., n/2, n), so the last is exactly n and together
+	// they allocate at most 2n (peerhttp's frames grow the same way).
+	shift := 0
+	for n>>shift > 64<<10 {
+		shift++
+	}
+	p := make([]byte, 0, ceilShift(n, shift))
+	for int64(len(p)) < n {
 		if len(p) == cap(p) {
-			// By hand: slices.Grow rounds the capacity up past n.
-			q := make([]byte, len(p), min(int(n), 2*cap(p)))
+			shift--
+			q := make([]byte, len(p), ceilShift(n, shift))
 			p = q[:copy(q, p)]
 		}
-		m, err := io.ReadFull(body, p[len(p):min(cap(p), int(n))])
+		m, err := io.ReadFull(body, p[len(p):cap(p)])
 		p = p[:len(p)+m]
 		if err != nil {
 			return nil, err
@@ -223,6 +229,9 @@ func readBody(body io.Reader, n, limit int64) ([]byte, error) {
 	}
 	return p, nil
 }
+
+// ceilShift is n / 2^shift, rounded up.
+func ceilShift(n int64, shift int) int64 { return (n + 1<<shift - 1) >> shift }
 
 // decodeError reads a refusal. A body that is not ours (a JSON error from
 // the peer's HTTP layer or its connection) keeps the status and, where it
