@@ -1,6 +1,7 @@
 package api
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -469,7 +470,7 @@ func (s *Server) writeHeaders(w http.ResponseWriter, res node.WriteResult) {
 	}
 }
 
-// listBody is GET /v1/kv.
+// listBody is GET /v1/kv, as writeList writes it.
 type listBody struct {
 	Items []listItem `json:"items"`
 	// Next is the cursor for the following page (pass it as after=); absent
@@ -504,14 +505,61 @@ func (s *Server) list(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	body := listBody{Items: make([]listItem, 0, len(res.Entries))}
-	for _, e := range res.Entries {
-		body.Items = append(body.Items, listItem{Key: e.Key, Version: e.Version.String(), Value: e.Value})
-	}
+	next := ""
 	if res.More && len(res.Entries) > 0 {
-		body.Next = res.Entries[len(res.Entries)-1].Key
+		next = res.Entries[len(res.Entries)-1].Key
 	}
-	writeJSON(w, http.StatusOK, body)
+	writeList(w, res.Entries, next)
+}
+
+// writeList writes a page as json.Marshal would write its listBody (the
+// same bytes: values compacted and HTML-escaped), one entry at a time. A
+// page holds up to transport.PageBytes of values, and marshalling it whole
+// held it about three times more (the encoder's doubling buffer and the
+// result) on top of the entries. Here only one entry's encoding is held at
+// a time, in one reused buffer; the price is encoding each entry twice,
+// once to count the Content-Length (which a HEAD must carry too) and once
+// to write it.
+func writeList(w http.ResponseWriter, entries []storage.Entry, next string) {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf) // escapes HTML, as json.Marshal does
+	encode := func(e storage.Entry) ([]byte, error) {
+		buf.Reset()
+		if err := enc.Encode(listItem{Key: e.Key, Version: e.Version.String(), Value: e.Value}); err != nil {
+			return nil, err
+		}
+		return bytes.TrimSuffix(buf.Bytes(), []byte("\n")), nil
+	}
+	tail := []byte("]}\n")
+	if next != "" {
+		n, _ := json.Marshal(next) // a string always marshals
+		tail = slices.Concat([]byte(`],"next":`), n, []byte("}\n"))
+	}
+	head := []byte(`{"items":[`)
+	size := len(head) + len(tail) + max(len(entries)-1, 0) // the commas
+	for _, e := range entries {
+		b, err := encode(e)
+		if err != nil {
+			// Only values validated as JSON are stored; this cannot happen.
+			http.Error(w, `{"error":{"code":"internal","message":"encode response"}}`, http.StatusInternalServerError)
+			return
+		}
+		size += len(b)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(size))
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(head) // net/http drops a HEAD's body
+	for i, e := range entries {
+		if i > 0 {
+			_, _ = w.Write([]byte(","))
+		}
+		b, _ := encode(e) // it encoded above
+		if _, err := w.Write(b); err != nil {
+			return // the client is gone
+		}
+	}
+	_, _ = w.Write(tail)
 }
 
 // redirect answers a node.Redirect with 307 to the node it names, keeping

@@ -33,6 +33,10 @@
 //   - Any other error means the peer may have received and served it.
 //   - Server.Shutdown serves every request it has read, sends its
 //     response, and only then closes the connection.
+//   - A body is held once on each side: a large one is written from where
+//     it lies (the caller's request body, the handler's recorded response),
+//     never copied into the writer's buffer, and a received one is the
+//     frame it arrived in, whose Body hands it over uncopied (Bytes).
 //
 // What it does not do: stream bodies (requests and responses are held in
 // memory whole, bounded by MaxFrameBytes), cancel a request at the peer

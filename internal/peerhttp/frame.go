@@ -2,6 +2,7 @@ package peerhttp
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -9,7 +10,6 @@ import (
 	"net"
 	"net/http"
 	"runtime"
-	"slices"
 	"sync"
 	"time"
 )
@@ -76,13 +76,22 @@ func readFrame(r *bufio.Reader, maxBytes int) (frame, error) {
 		return frame{}, fmt.Errorf("%w: %d bytes, the limit is %d", errFrameTooLarge, n, maxBytes)
 	}
 	f := frame{kind: hdr[4], id: binary.BigEndian.Uint64(hdr[5:13])}
-	const first = 64 << 10
-	buf := make([]byte, 0, min(n, first))
+	// Each step doubles what has arrived, and the steps are chosen back
+	// from n (n/2^k, ..., n/2, n), so the last one is exactly n and all of
+	// them together allocate at most 2n; doubling up from a fixed start
+	// would end just past a power of two with one more buffer of nearly n.
+	shift := 0
+	for n>>shift > 64<<10 {
+		shift++
+	}
+	buf := make([]byte, 0, ceilShift(n, shift))
 	for len(buf) < n {
 		if len(buf) == cap(buf) {
-			buf = slices.Grow(buf, min(n-len(buf), cap(buf)))
+			shift--
+			next := make([]byte, len(buf), ceilShift(n, shift))
+			buf = next[:copy(next, buf)]
 		}
-		m, err := io.ReadFull(r, buf[len(buf):min(cap(buf), n)])
+		m, err := io.ReadFull(r, buf[len(buf):cap(buf)])
 		buf = buf[:len(buf)+m]
 		if err != nil {
 			return frame{}, fmt.Errorf("%w: truncated: %w", errBadFrame, err)
@@ -92,6 +101,26 @@ func readFrame(r *bufio.Reader, maxBytes int) (frame, error) {
 	return f, nil
 }
 
+// frameBody is the body of a request or response that arrived in a frame,
+// already whole in memory. Bytes hands what is unread over without a copy,
+// so a caller that keeps the whole body (internal/transport decodes a
+// reply in place) holds a value once, in the frame it came in.
+type frameBody struct {
+	*bytes.Reader
+	b []byte
+}
+
+func newFrameBody(b []byte) *frameBody { return &frameBody{Reader: bytes.NewReader(b), b: b} }
+
+// Bytes returns the unread rest of the body, without copying it.
+func (f *frameBody) Bytes() []byte { return f.b[len(f.b)-f.Len():] }
+
+// Close implements io.Closer; there is nothing to release.
+func (f *frameBody) Close() error { return nil }
+
+// ceilShift is n / 2^shift, rounded up.
+func ceilShift(n, shift int) int { return (n + 1<<shift - 1) >> shift }
+
 // beginFrame appends a frame header with a placeholder length; endFrame
 // fills it in once the payload is appended.
 func beginFrame(b []byte, kind byte, id uint64) ([]byte, int) {
@@ -100,10 +129,18 @@ func beginFrame(b []byte, kind byte, id uint64) ([]byte, int) {
 	return binary.BigEndian.AppendUint64(b, id), start
 }
 
-func endFrame(b []byte, start int) []byte {
-	binary.BigEndian.PutUint32(b[start:], uint32(len(b)-start-frameHeaderBytes))
+func endFrame(b []byte, start int) []byte { return endFrameWith(b, start, 0) }
+
+// endFrameWith fills in the length of a frame whose last tail bytes are
+// not in b but follow it on the wire (frameWriter.send's tail).
+func endFrameWith(b []byte, start, tail int) []byte {
+	binary.BigEndian.PutUint32(b[start:], uint32(len(b)-start-frameHeaderBytes+tail))
 	return b
 }
+
+// tailBytes is the size from which a body is written from where it lies,
+// by reference, instead of being copied into the writer's buffer.
+const tailBytes = 32 << 10
 
 // headersFit reports whether h can be encoded (every name and value under
 // 64 KiB, fewer than 64 Ki of them).
@@ -206,9 +243,13 @@ type frameWriter struct {
 	// rather than pinning frames in memory.
 	timeout time.Duration
 
-	mu      sync.Mutex
-	buf     []byte
-	ids     []uint64 // the request ids whose frames are in buf
+	mu  sync.Mutex
+	buf []byte
+	// queued is what was queued before buf, written first and in order. It
+	// holds the large bodies by reference (send's tail) and the buffers
+	// they interrupted.
+	queued  [][]byte
+	ids     []uint64 // the request ids whose frames are queued
 	unsent  []uint64 // after a failed write: ids that never reached a write
 	err     error    // the first write error; later sends fail with it
 	stopped bool
@@ -224,8 +265,12 @@ func newFrameWriter(conn net.Conn, timeout time.Duration) *frameWriter {
 
 // send appends a frame with encode, under the writer's lock: frames leave
 // in the order their encode calls ran. encode returns the request id the
-// frame carries (0 for other frames), or ok=false to append nothing.
-func (w *frameWriter) send(encode func([]byte) (b []byte, id uint64, ok bool)) error {
+// frame carries (0 for other frames), or ok=false to append nothing. tail,
+// if not nil, is the end of the frame (encode counted it in the frame's
+// length, endFrameWith): it is written from where it lies, never copied,
+// and must not change until the frame is written (or the writer failed).
+// A body of megabytes thus costs no second copy in the writer's buffer.
+func (w *frameWriter) send(tail []byte, encode func([]byte) (b []byte, id uint64, ok bool)) error {
 	w.mu.Lock()
 	if w.err != nil {
 		w.mu.Unlock()
@@ -237,6 +282,10 @@ func (w *frameWriter) send(encode func([]byte) (b []byte, id uint64, ok bool)) e
 		return errRefused
 	}
 	w.buf = b
+	if len(tail) > 0 {
+		w.queued = append(w.queued, w.buf, tail)
+		w.buf = nil
+	}
 	if id != 0 {
 		w.ids = append(w.ids, id)
 	}
@@ -254,8 +303,9 @@ var errRefused = errors.New("peerhttp: frame not queued")
 func (w *frameWriter) run() {
 	defer close(w.done)
 	var (
-		out []byte
-		ids []uint64
+		out    []byte
+		ids    []uint64
+		queued [][]byte
 	)
 	for range w.wake {
 		// Let the goroutines that are ready to queue a frame do so first:
@@ -266,21 +316,28 @@ func (w *frameWriter) run() {
 		w.mu.Lock()
 		out, w.buf = w.buf, out[:0]
 		ids, w.ids = w.ids, ids[:0]
-		stop := w.stopped && len(out) == 0
+		queued, w.queued = w.queued, queued[:0]
+		stop := w.stopped && len(out) == 0 && len(queued) == 0
 		w.mu.Unlock()
 		if stop {
 			return
 		}
-		if len(out) == 0 {
+		if len(out) == 0 && len(queued) == 0 {
 			continue
 		}
 		_ = w.conn.SetWriteDeadline(time.Now().Add(w.timeout))
-		if _, err := w.conn.Write(out); err != nil {
+		// One writev for the lot; WriteTo consumes its own copy of the
+		// list, so out and queued keep their buffers for reuse.
+		vec := append(net.Buffers(nil), queued...)
+		vec = append(vec, out)
+		_, err := vec.WriteTo(w.conn)
+		clear(queued) // the bodies are written: let them go
+		if err != nil {
 			w.mu.Lock()
 			w.err = err
 			// Frames queued after this batch never reached the socket.
 			w.unsent = w.ids
-			w.buf, w.ids = nil, nil
+			w.buf, w.ids, w.queued = nil, nil, nil
 			w.mu.Unlock()
 			// The reader must not wait for answers that cannot come.
 			_ = w.conn.Close()
@@ -290,6 +347,9 @@ func (w *frameWriter) run() {
 		// the connection.
 		if cap(out) > 1<<20 {
 			out = nil
+		}
+		if cap(queued) > 64 {
+			queued = nil
 		}
 	}
 }

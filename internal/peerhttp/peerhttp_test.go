@@ -239,7 +239,7 @@ func TestServer_Shutdown_ServesWhatItRead_GoAwayNamesTheRest(t *testing.T) {
 	}
 	send := func(id uint64, path string) {
 		req, _ := http.NewRequest(http.MethodGet, "http://x"+path, nil)
-		if _, err := conn.Write(appendRequest(nil, id, req, nil)); err != nil {
+		if _, err := conn.Write(appendRequest(nil, id, req, nil, 0)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -416,7 +416,7 @@ func TestTransport_PeerStopsReading_ConnectionDropped_QueuedRequestsNotSent(t *t
 		}
 		c.w.mu.Lock()
 		defer c.w.mu.Unlock()
-		return len(c.w.buf) == 0 && c.nextIDForTest() == 1
+		return len(c.w.buf) == 0 && len(c.w.queued) == 0 && c.nextIDForTest() == 1
 	})
 	var wg sync.WaitGroup
 	for range 5 {
@@ -503,7 +503,10 @@ func TestReadFrame_AllocatesWhatArrives_RefusesOverLimit(t *testing.T) {
 	}{
 		// The counter is the process's, so the bounds leave room for
 		// whatever else runs; they are far below the declared sizes.
-		{"whole frame", 3 << 20, 3 << 20, 8 << 20, nil, 16 << 20},
+		// A frame just past a power of two: the steps end at its size,
+		// together at most twice it.
+		{"whole frame", 3<<20 + 5, 3<<20 + 5, 8 << 20, nil, 2*(3<<20+5) + 1<<20},
+		{"whole frame past a power of two", 1<<20 + 100, 1<<20 + 100, 8 << 20, nil, 2*(1<<20+100) + 1<<20},
 		{"declares 512 MiB, sends 100 KiB", 512 << 20, 100 << 10, 1 << 30, errBadFrame, 16 << 20},
 		{"declares 900 MiB over an 8 MiB limit", 900 << 20, 100 << 10, 8 << 20, errFrameTooLarge, 16 << 20},
 	}
@@ -521,9 +524,41 @@ func TestReadFrame_AllocatesWhatArrives_RefusesOverLimit(t *testing.T) {
 			if tt.wantErr == nil && (len(f.payload) != tt.sent || f.id != 7) {
 				t.Fatalf("frame id %d with %d bytes, want id 7 with %d", f.id, len(f.payload), tt.sent)
 			}
+			// A body decoded from the frame keeps it: no slack past it.
+			if tt.wantErr == nil && cap(f.payload) != tt.sent {
+				t.Errorf("payload of %d bytes in a buffer of %d", len(f.payload), cap(f.payload))
+			}
 			if got := after.TotalAlloc - before.TotalAlloc; got > tt.maxAllocs {
 				t.Fatalf("allocated %d bytes reading it, want at most %d", got, tt.maxAllocs)
 			}
 		})
 	}
+}
+
+// Large bodies go out by reference (frameWriter.send's tail) between small
+// frames queued around them; every request and answer still arrives whole
+// and in its own frame, and the answer's body is handed over in place.
+func TestTransport_LargeAndSmallBodiesInterleaved_ArriveWhole(t *testing.T) {
+	ps := newPeerServer(t, echo, true)
+	client := &http.Client{Transport: newTransport(t)}
+	sizes := []int{0, 1, tailBytes - 1, tailBytes, tailBytes + 1, 1 << 20, 3<<20 + 7}
+	var wg sync.WaitGroup
+	for i := range 8 * len(sizes) {
+		wg.Go(func() {
+			body := bytes.Repeat([]byte{byte('a' + i%26)}, sizes[i%len(sizes)])
+			req, _ := http.NewRequest(http.MethodPut, fmt.Sprintf("%s/k%d", ps.URL, i), bytes.NewReader(body))
+			resp, err := client.Do(req)
+			if err != nil {
+				t.Errorf("request %d: %v", i, err)
+				return
+			}
+			defer resp.Body.Close()
+			whole, inPlace := resp.Body.(interface{ Bytes() []byte })
+			got, _ := io.ReadAll(resp.Body)
+			if resp.StatusCode != http.StatusAccepted || !bytes.Equal(got, body) || !inPlace || len(whole.Bytes()) != 0 {
+				t.Errorf("request %d of %d bytes: %d, %d bytes back (equal %v), body held whole %v", i, len(body), resp.StatusCode, len(got), bytes.Equal(got, body), inPlace)
+			}
+		})
+	}
+	wg.Wait()
 }

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -178,7 +179,7 @@ func (c *serverConn) serve() {
 	if c.srv.shuttingDown() {
 		// Requests after last were never read: the peer may send them
 		// elsewhere. Those up to last are answered below.
-		_ = c.w.send(func(b []byte) ([]byte, uint64, bool) {
+		_ = c.w.send(nil, func(b []byte) ([]byte, uint64, bool) {
 			b, start := beginFrame(b, kindGoAway, last)
 			return endFrame(b, start), 0, true
 		})
@@ -237,7 +238,7 @@ func (c *serverConn) decodeRequest(payload []byte) (*http.Request, error) {
 		RequestURI:    uri,
 	}).WithContext(c.ctx)
 	if len(body) > 0 {
-		req.Body = io.NopCloser(bytes.NewReader(body))
+		req.Body = newFrameBody(body)
 	}
 	return req, nil
 }
@@ -269,7 +270,15 @@ func (c *serverConn) answerRecorded(id uint64, rec *recorder) {
 		status, body = http.StatusBadGateway, jsonError("response_too_large", "the response does not fit a peer connection frame")
 		rec.header = http.Header{"Content-Type": {"application/json"}}
 	}
-	_ = c.w.send(func(b []byte) ([]byte, uint64, bool) { return appendResponse(b, id, status, rec.header, body), 0, true })
+	// A large body (a read's value) is written from the recorder, not
+	// copied into the writer's buffer first: the response is held once.
+	var tail []byte
+	if len(body) >= tailBytes {
+		body, tail = nil, body
+	}
+	_ = c.w.send(tail, func(b []byte) ([]byte, uint64, bool) {
+		return appendResponse(b, id, status, rec.header, body, len(tail)), 0, true
+	})
 }
 
 func (c *serverConn) answer(id uint64, status int, body []byte) {
@@ -278,12 +287,14 @@ func (c *serverConn) answer(id uint64, status int, body []byte) {
 	c.answerRecorded(id, rec)
 }
 
-func appendResponse(b []byte, id uint64, status int, h http.Header, body []byte) []byte {
+// appendResponse appends a response frame whose body is body followed by
+// tail more bytes that the writer sends after it (frameWriter.send).
+func appendResponse(b []byte, id uint64, status int, h http.Header, body []byte, tail int) []byte {
 	b, start := beginFrame(b, kindResponse, id)
 	b = append(b, byte(status>>8), byte(status))
 	b = appendHeaders(b, h)
 	b = append(b, body...)
-	return endFrame(b, start)
+	return endFrameWith(b, start, tail)
 }
 
 func jsonError(code, msg string) []byte {
@@ -309,6 +320,15 @@ func (r *recorder) WriteHeader(code int) {
 func (r *recorder) Write(p []byte) (int, error) {
 	if r.status == 0 {
 		r.status = http.StatusOK
+	}
+	if r.body.Cap() == 0 {
+		// A body of announced length (a read's value, a peer call's
+		// reply) is held in one buffer of its size, not grown by
+		// doubling through twice its size. The frame bound caps what a
+		// header may make it reserve.
+		if n, err := strconv.Atoi(r.header.Get("Content-Length")); err == nil && n > len(p) && n <= MaxFrameBytes {
+			r.body.Grow(n)
+		}
 	}
 	return r.body.Write(p)
 }

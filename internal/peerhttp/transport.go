@@ -264,7 +264,12 @@ func (c *clientConn) usable() bool {
 func (c *clientConn) roundTrip(req *http.Request, body []byte) (*http.Response, error) {
 	ch := make(chan result, 1)
 	var id uint64
-	err := c.w.send(func(b []byte) ([]byte, uint64, bool) {
+	// A large body goes out from where it lies (frameWriter.send's tail).
+	var tail []byte
+	if len(body) >= tailBytes {
+		body, tail = nil, body
+	}
+	err := c.w.send(tail, func(b []byte) ([]byte, uint64, bool) {
 		// Under the writer's lock: ids rise in the order frames are sent,
 		// which is what lets a GOAWAY's last id divide seen from unseen.
 		c.mu.Lock()
@@ -275,7 +280,7 @@ func (c *clientConn) roundTrip(req *http.Request, body []byte) (*http.Response, 
 		c.nextID++
 		id = c.nextID
 		c.waiting[id] = ch
-		return appendRequest(b, id, req, body), id, true
+		return appendRequest(b, id, req, body, len(tail)), id, true
 	})
 	if err != nil {
 		c.forget(id)
@@ -299,7 +304,9 @@ func (c *clientConn) forget(id uint64) {
 	c.mu.Unlock()
 }
 
-func appendRequest(b []byte, id uint64, req *http.Request, body []byte) []byte {
+// appendRequest appends a request frame whose body is body followed by
+// tail more bytes that the writer sends after it (frameWriter.send).
+func appendRequest(b []byte, id uint64, req *http.Request, body []byte, tail int) []byte {
 	b, start := beginFrame(b, kindRequest, id)
 	b = append(b, byte(len(req.Method)))
 	b = append(b, req.Method...)
@@ -311,7 +318,7 @@ func appendRequest(b []byte, id uint64, req *http.Request, body []byte) []byte {
 	b = appendStr16(b, req.URL.RequestURI())
 	b = appendHeaders(b, req.Header)
 	b = append(b, body...)
-	return endFrame(b, start)
+	return endFrameWith(b, start, tail)
 }
 
 // readLoop delivers responses until the connection ends, then fails every
@@ -406,7 +413,7 @@ func decodeResponse(payload []byte) (*http.Response, error) {
 		ProtoMajor:    1,
 		ProtoMinor:    1,
 		Header:        header,
-		Body:          io.NopCloser(bytes.NewReader(body)),
+		Body:          newFrameBody(body),
 		ContentLength: int64(len(body)),
 	}, nil
 }

@@ -312,6 +312,17 @@ func (db *DB) Close() error {
 }
 
 // Get returns the live entry for key, or ErrNotFound.
+//
+// The value is copied once out of the mmap, and the read transaction ends
+// with the copy; it is never held while the value is written to a client
+// or a peer. A read transaction pins the mmap: bbolt cannot remap to grow
+// the file until every reader is done (mmaplock), so one GET stalled on a
+// slow client (seconds, up to the server's write timeout) would stall every
+// write that grows the file, and a long-lived reader also keeps freed pages
+// from reuse. Writing from inside the transaction would save this one copy
+// of at most --max-value-bytes per read in flight; bounding the stall with
+// a write deadline would still leave writes hostage to readers. One private
+// copy per read, freed when the response is written, is the cheaper bound.
 func (db *DB) Get(key string) (Entry, error) {
 	var e Entry
 	err := db.bolt.View(func(tx *bolt.Tx) error {

@@ -18,11 +18,31 @@ const codecVersion = 2
 // errDecode wraps every decoding failure of a peer's body.
 var errDecode = errors.New("transport: malformed message")
 
-type encoder struct{ b []byte }
+// encoder builds a message. With byRef set, a large bytes field is not
+// copied: the encoder keeps a reference to it in segs and goes on in a
+// fresh b, so writing a reply of a 64 MiB value costs no 64 MiB buffer.
+// The referenced bytes must not change until the segments are written.
+type encoder struct {
+	b     []byte
+	byRef bool
+	segs  [][]byte // the message so far, before b
+}
+
+// refBytes is the size from which a bytes field is referenced rather than
+// copied: below it a copy is cheaper than a separate write.
+const refBytes = 32 << 10
 
 func (e *encoder) uvarint(v uint64) { e.b = binary.AppendUvarint(e.b, v) }
-func (e *encoder) bytes(p []byte)   { e.uvarint(uint64(len(p))); e.b = append(e.b, p...) }
-func (e *encoder) str(s string)     { e.uvarint(uint64(len(s))); e.b = append(e.b, s...) }
+func (e *encoder) bytes(p []byte) {
+	e.uvarint(uint64(len(p)))
+	if e.byRef && len(p) >= refBytes {
+		e.segs = append(e.segs, e.b, p)
+		e.b = make([]byte, 0, 64)
+		return
+	}
+	e.b = append(e.b, p...)
+}
+func (e *encoder) str(s string) { e.uvarint(uint64(len(s))); e.b = append(e.b, s...) }
 func (e *encoder) version(v Version) {
 	e.uvarint(v.Epoch)
 	e.uvarint(v.Seq)
@@ -88,13 +108,16 @@ func (d *decoder) take() []byte {
 	return p
 }
 
-// bytes returns a copy: the caller may keep it after the body is reused.
+// bytes returns the field without copying it: it aliases the body, which
+// unmarshal's callers hand over and never reuse. A value read from a peer
+// is therefore held once, in the body it arrived in, and not a second time
+// per field (an empty field is nil, as before).
 func (d *decoder) bytes() []byte {
 	p := d.take()
-	if p == nil {
+	if len(p) == 0 {
 		return nil
 	}
-	return append([]byte(nil), p...)
+	return p
 }
 
 func (d *decoder) str() string { return string(d.take()) }
@@ -153,6 +176,21 @@ func marshal(m message) []byte {
 	return e.b
 }
 
+// marshalSegments encodes m as segments to be written in order, the large
+// values among them by reference (see encoder), and their total length.
+func marshalSegments(m message) (segs [][]byte, n int) {
+	e := &encoder{b: make([]byte, 0, 64), byRef: true}
+	e.uvarint(codecVersion)
+	m.encode(e)
+	segs = append(e.segs, e.b)
+	for _, s := range segs {
+		n += len(s)
+	}
+	return segs, n
+}
+
+// unmarshal decodes b into m. The byte fields of m alias b (decoder.bytes):
+// b must be the caller's own buffer, never written again.
 func unmarshal(b []byte, m message) error {
 	d := newDecoder(b)
 	m.decode(d)

@@ -25,7 +25,9 @@
 //
 // What it does not do: decide where a call goes or whether to repeat it
 // (internal/node does; HTTP only repeats a call that was never sent), stream
-// large bodies (a call and its reply are held whole), or encrypt.
+// large bodies (a call and its reply are held whole, but once: a reply's
+// values are written from where the service holds them, and a decoded
+// message's values alias the body it arrived in), or encrypt.
 //
 // It imports no other package of this module.
 package transport

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/hashicorp/go-retryablehttp"
@@ -153,12 +154,9 @@ func (c *HTTP) call(ctx context.Context, to, path string, req, reply message) er
 		return fmt.Errorf("%s: %w", to, err)
 	}
 	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, c.cfg.MaxReplyBytes+1))
+	body, err := readBody(resp.Body, resp.ContentLength, c.cfg.MaxReplyBytes)
 	if err != nil {
 		return fmt.Errorf("%s: read reply: %w", to, err)
-	}
-	if int64(len(body)) > c.cfg.MaxReplyBytes {
-		return fmt.Errorf("%s: reply exceeds %d bytes", to, c.cfg.MaxReplyBytes)
 	}
 	if resp.StatusCode != http.StatusOK {
 		return decodeError(to, resp.StatusCode, resp.Header.Get("Content-Type"), body)
@@ -168,6 +166,72 @@ func (c *HTTP) call(ctx context.Context, to, path string, req, reply message) er
 	}
 	return nil
 }
+
+// wholeBody is implemented by a body that is already whole in memory
+// (internal/peerhttp's, which holds the frame it arrived in). Bytes returns
+// it without copying; the caller owns it from then on.
+type wholeBody interface {
+	Bytes() []byte
+}
+
+// errBodyTooLarge: a body passed readBody's limit.
+var errBodyTooLarge = errors.New("body too large")
+
+// readBody reads a body of n bytes (-1: unknown) and at most limit into one
+// buffer of its size: a body the carrier already holds whole is taken as it
+// is, and one of a known length ends in a buffer of exactly that length. A
+// call or reply may carry a value of up to --max-value-bytes; the decoded
+// message keeps the buffer (decoder.bytes), so slack left by growing it by
+// doubling would stay with the value (in the leader's replication queues,
+// say). The buffer grows with the bytes that arrive, never ahead of them by
+// more than what has arrived, so a peer that declares a huge body and sends
+// little costs what it sent (as peerhttp's frames).
+func readBody(body io.Reader, n, limit int64) ([]byte, error) {
+	if b, ok := body.(wholeBody); ok {
+		p := b.Bytes()
+		if int64(len(p)) > limit {
+			return nil, fmt.Errorf("%w: %d bytes, the limit is %d", errBodyTooLarge, len(p), limit)
+		}
+		return p, nil
+	}
+	if n > limit {
+		return nil, fmt.Errorf("%w: %d bytes, the limit is %d", errBodyTooLarge, n, limit)
+	}
+	if n < 0 {
+		p, err := io.ReadAll(io.LimitReader(body, limit+1))
+		if err != nil {
+			return nil, err
+		}
+		if int64(len(p)) > limit {
+			return nil, fmt.Errorf("%w: more than %d bytes", errBodyTooLarge, limit)
+		}
+		return p, nil
+	}
+	// Each step doubles what has arrived, and the steps are chosen back
+	// from n (n/2^k, ..., n/2, n), so the last is exactly n and together
+	// they allocate at most 2n (peerhttp's frames grow the same way).
+	shift := 0
+	for n>>shift > 64<<10 {
+		shift++
+	}
+	p := make([]byte, 0, ceilShift(n, shift))
+	for int64(len(p)) < n {
+		if len(p) == cap(p) {
+			shift--
+			q := make([]byte, len(p), ceilShift(n, shift))
+			p = q[:copy(q, p)]
+		}
+		m, err := io.ReadFull(body, p[len(p):cap(p)])
+		p = p[:len(p)+m]
+		if err != nil {
+			return nil, err
+		}
+	}
+	return p, nil
+}
+
+// ceilShift is n / 2^shift, rounded up.
+func ceilShift(n int64, shift int) int64 { return (n + 1<<shift - 1) >> shift }
 
 // decodeError reads a refusal. A body that is not ours (a JSON error from
 // the peer's HTTP layer or its connection) keeps the status and, where it
@@ -285,11 +349,11 @@ func NewHandler(s Services, maxBody int64) http.Handler {
 
 // serve decodes the body into req, runs call and writes its reply or error.
 func serve(w http.ResponseWriter, r *http.Request, maxBody int64, errOf ErrorFunc, req message, call func(context.Context) (message, error)) {
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
+	body, err := readBody(r.Body, r.ContentLength, maxBody)
 	if err == nil {
 		err = unmarshal(body, req)
 	}
-	if _, tooLarge := errors.AsType[*http.MaxBytesError](err); tooLarge {
+	if errors.Is(err, errBodyTooLarge) {
 		writeError(w, &Error{Status: http.StatusRequestEntityTooLarge, Code: CodeTooLarge, Message: fmt.Sprintf("%s: the call exceeds %d bytes", r.URL.Path, maxBody)})
 		return
 	}
@@ -302,9 +366,19 @@ func serve(w http.ResponseWriter, r *http.Request, maxBody int64, errOf ErrorFun
 		writeError(w, errOf(err))
 		return
 	}
+	// The reply goes out in segments, its large values straight from
+	// where the service holds them (a read's value, copied once out of
+	// bbolt), not copied again into one encoded buffer. Content-Length lets
+	// a buffering writer (peerhttp's) size its buffer once.
+	segs, n := marshalSegments(reply)
 	w.Header().Set("Content-Type", contentType)
+	w.Header().Set("Content-Length", strconv.Itoa(n))
 	w.WriteHeader(http.StatusOK)
-	_, _ = w.Write(marshal(reply))
+	for _, s := range segs {
+		if _, err := w.Write(s); err != nil {
+			return // the caller is gone
+		}
+	}
 }
 
 // CodeTooLarge is the code of a call refused for its size (413): its
