@@ -230,13 +230,14 @@ func (g *collector) forgetAt(ctx context.Context, id string, env envelope, entri
 func (g *collector) dropMoved(ctx context.Context, env envelope, h uint64, settled []bool, digests map[string][]uint64) error {
 	c := g.c
 	var errs []error
+	mine := c.cfg.Local.Digests() // one copy for the round, not one per partition
 	for id, d := range digests {
 		var parts []int
 		for p := range settled {
 			// Owners match this node in a settled partition; a non-owner
 			// holding anything makes it unsettled. So look at the
 			// partitions every owner matches, which a non-owner spoils.
-			if !c.isOwner(id, p) && d[p] != 0 && g.ownersMatch(p, digests) {
+			if !c.isOwner(id, p) && d[p] != 0 && g.ownersMatch(p, mine, digests) {
 				parts = append(parts, p)
 			}
 		}
@@ -256,10 +257,9 @@ func (g *collector) dropMoved(ctx context.Context, env envelope, h uint64, settl
 }
 
 // ownersMatch reports whether every other owner of p holds it at this
-// node's digest.
-func (g *collector) ownersMatch(p int, digests map[string][]uint64) bool {
+// node's digest (mine).
+func (g *collector) ownersMatch(p int, mine []uint64, digests map[string][]uint64) bool {
 	c := g.c
-	mine := c.cfg.Local.Digests()
 	owners, err := c.cfg.Ring.PartitionOwners(p, c.cfg.ReplicationFactor)
 	if err != nil {
 		return false
