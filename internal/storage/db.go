@@ -357,15 +357,7 @@ func (db *DB) Scan(prefix, after string, limit, maxBytes int) (entries []Entry, 
 	p := []byte(prefix)
 	err = db.bolt.View(func(tx *bolt.Tx) error {
 		c := tx.Bucket(bucketKV).Cursor()
-		var k, v []byte
-		if after != "" && after >= prefix {
-			k, v = c.Seek([]byte(after))
-			if k != nil && string(k) == after {
-				k, v = c.Next()
-			}
-		} else {
-			k, v = c.Seek(p)
-		}
+		k, v := seekAfter(c, after, prefix)
 		size := 0
 		for ; k != nil && bytes.HasPrefix(k, p); k, v = c.Next() {
 			if _, deleted, ok := recordVersion(v); ok && deleted {

@@ -137,12 +137,7 @@ func (db *DB) Tombstones() int {
 func (db *DB) TombstonesUpTo(maxSeq uint64, after string, maxBytes int) (entries []Entry, more bool, err error) {
 	err = db.bolt.View(func(tx *bolt.Tx) error {
 		c := tx.Bucket(bucketKV).Cursor()
-		k, raw := c.First()
-		if after != "" {
-			if k, raw = c.Seek([]byte(after)); k != nil && string(k) == after {
-				k, raw = c.Next()
-			}
-		}
+		k, raw := seekAfter(c, after, "")
 		size := 0
 		for ; k != nil; k, raw = c.Next() {
 			v, deleted, ok := recordVersion(raw)
@@ -243,12 +238,7 @@ func (db *DB) scanPartitions(parts []int, after string, maxBytes int, values boo
 	)
 	err := db.bolt.View(func(tx *bolt.Tx) error {
 		c := tx.Bucket(bucketKV).Cursor()
-		k, raw := c.First()
-		if after != "" {
-			if k, raw = c.Seek([]byte(after)); k != nil && string(k) == after {
-				k, raw = c.Next()
-			}
-		}
+		k, raw := seekAfter(c, after, "")
 		size := 0
 		for ; k != nil; k, raw = c.Next() {
 			if !want[db.partition(string(k))] {
@@ -344,4 +334,17 @@ func (db *DB) LookupVersions(keys []string) ([]Entry, error) {
 		return nil, fmt.Errorf("storage: lookup versions: %w", err)
 	}
 	return out, nil
+}
+
+// seekAfter positions c at the first key after the key after (from the
+// first key with prefix when after is "" or sorts before prefix): where a
+// page that ended at after resumes.
+func seekAfter(c *bolt.Cursor, after, prefix string) (k, v []byte) {
+	if after == "" || after < prefix {
+		return c.Seek([]byte(prefix))
+	}
+	if k, v = c.Seek([]byte(after)); k != nil && string(k) == after {
+		k, v = c.Next()
+	}
+	return k, v
 }
