@@ -49,7 +49,7 @@ func TestCatchUp_100kKeys_CrashGapWithin1sOfThe1kGap(t *testing.T) {
 		waitFor(t, lease+30*time.Second, "writes after the crash", func() bool { return w.count() >= n+20 })
 		g := longestGap(w.halt(), at)
 		successor := c.leader(10*time.Second, others...)
-		st, _ := c.replicationStatus(successor)
+		st, _ := c.status(successor)
 		t.Logf("SIGKILL of %s at %d keys: gap %s; %s had %d partitions left to pull after it", leader, loaded, g.Round(time.Millisecond), successor, st.Replication.CatchingUpPartitions)
 		c.restartRepaired(leader, successor)
 		return g
@@ -98,7 +98,7 @@ func (c *cluster) restartRepaired(id, leader string) {
 	restarted := time.Now()
 	c.start(id)
 	waitFor(c.t, 120*time.Second, id+" repaired after its restart", func() bool {
-		st, err := c.replicationStatus(id)
+		st, err := c.status(id)
 		return err == nil && st.Replication.LastRepair != nil && st.Replication.LastRepair.After(restarted)
 	})
 	waitFor(c.t, 60*time.Second, "the leader's queues empty", func() bool {

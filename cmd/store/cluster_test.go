@@ -150,16 +150,25 @@ func (c *cluster) start(id string) *proc {
 	return p
 }
 
+// nodeStatus is what the tests read of GET /v1/status: the node's role and
+// the leader it knows, and replication's members, queues and lag.
 type nodeStatus struct {
 	Node        string `json:"node"`
 	Role        string `json:"role"`
 	Leader      string `json:"leader"`
 	Epoch       uint64 `json:"epoch"`
 	LastSeq     uint64 `json:"last_seq"`
+	DataBytes   int64  `json:"data_bytes"`
 	Replication struct {
 		Members []struct {
-			ID string `json:"id"`
+			ID          string `json:"id"`
+			Live        bool   `json:"live"`
+			Queued      int    `json:"queued"`
+			QueuedBytes int64  `json:"queued_bytes"`
 		} `json:"members"`
+		Behind               []string   `json:"behind"`
+		LastRepair           *time.Time `json:"last_repair"`
+		CatchingUpPartitions int        `json:"catching_up_partitions"`
 	} `json:"replication"`
 }
 

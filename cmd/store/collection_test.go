@@ -191,7 +191,7 @@ func TestCollection_OwnerDownDuringDeletes_NoDeletedKeyReappears(t *testing.T) {
 	}
 	<-c.nodes[victim].done
 	waitFor(t, 10*time.Second, "the leader to see "+victim+" down", func() bool {
-		st, err := c.replicationStatus(leader)
+		st, err := c.status(leader)
 		if err != nil {
 			return false
 		}

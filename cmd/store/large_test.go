@@ -108,38 +108,10 @@ func gcHeaps(logs string) (peak, live int64, gcs int) {
 	return peak, live, gcs
 }
 
-// replicationStatus is the part of /v1/status that shows the leader's
-// queues.
-type replicationStatus struct {
-	Role        string `json:"role"`
-	DataBytes   int64  `json:"data_bytes"`
-	Replication struct {
-		Members []struct {
-			ID          string `json:"id"`
-			Live        bool   `json:"live"`
-			Queued      int    `json:"queued"`
-			QueuedBytes int64  `json:"queued_bytes"`
-		} `json:"members"`
-		Behind               []string   `json:"behind"`
-		LastRepair           *time.Time `json:"last_repair"`
-		CatchingUpPartitions int        `json:"catching_up_partitions"`
-	} `json:"replication"`
-}
-
-func (c *cluster) replicationStatus(id string) (replicationStatus, error) {
-	var st replicationStatus
-	resp, err := shortClient.Get("http://" + c.addr(id) + "/v1/status")
-	if err != nil {
-		return st, err
-	}
-	defer resp.Body.Close()
-	return st, json.NewDecoder(resp.Body).Decode(&st)
-}
-
 // queuesEmpty reports whether the leader has nothing queued for any
 // follower and marks none behind, and says what it has if not.
 func (c *cluster) queuesEmpty(leader string) (bool, string) {
-	st, err := c.replicationStatus(leader)
+	st, err := c.status(leader)
 	if err != nil {
 		return false, err.Error()
 	}
@@ -449,7 +421,7 @@ func TestLarge_FollowerPaused_80x1MiBEscapedValues_RecoversBoundedRSS(t *testing
 		copiesAt.Round(time.Millisecond), strongAt.Round(time.Millisecond), paused, repaired, standIns)
 	for _, id := range c.ids() {
 		peak, anon, file := peakRSS(t, c.nodes[id].cmd.Process.Pid)
-		st, _ := c.replicationStatus(id)
+		st, _ := c.status(id)
 		bound := baseline[id] + file + heapFactor*liveBound
 		role := "follower"
 		switch id {
