@@ -20,7 +20,9 @@ var errOverloaded = errors.New("overloaded")
 // replicas. A request that does not fit waits, in arrival order, for others
 // to finish, up to wait; one larger than the whole budget is admitted only
 // when nothing else is in flight, so every legal value can still be
-// written.
+// written. Bodies another pod forwards to the leader are not counted here:
+// each pod bounds its own clients' bodies, so the leader holds at most the
+// sum of the pods' budgets.
 type byteBudget struct {
 	limit int64
 	wait  time.Duration
@@ -63,7 +65,9 @@ func (b *byteBudget) acquire(ctx context.Context, n int64) (release func(), err 
 	case <-t.C:
 		err = fmt.Errorf("%w: %d bytes of requests in flight on this node fill --max-inflight-bytes (%d) and none finished within %s; nothing was applied, retry shortly", errOverloaded, used, b.limit, b.wait)
 	case <-ctx.Done():
-		err = ctx.Err()
+		// The client left (or its deadline passed) before the body was
+		// read: nothing was applied, which is not an unknown outcome.
+		err = fmt.Errorf("%w: the request ended while waiting for room (%v); nothing was applied", errOverloaded, ctx.Err())
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()

@@ -126,8 +126,8 @@ func TestByteBudget_CancelledWaiterLeavesTheQueue(t *testing.T) {
 		}()
 		synctest.Wait()
 		cancel()
-		if err := <-errc; !errors.Is(err, context.Canceled) {
-			t.Fatalf("cancelled waiter: %v", err)
+		if err := <-errc; !errors.Is(err, errOverloaded) || !strings.Contains(err.Error(), "nothing was applied") {
+			t.Fatalf("cancelled waiter: %v, want %v saying nothing was applied", err, errOverloaded)
 		}
 		<-got
 		release()

@@ -404,7 +404,9 @@ func (s *Server) reserveBody(r *http.Request) (release func(), err error) {
 	}
 	release, err = s.bodies.acquire(r.Context(), n)
 	if err != nil {
-		s.metrics.overloaded.Inc()
+		if r.Context().Err() == nil { // refused, not a client that left
+			s.metrics.overloaded.Inc()
+		}
 		return func() {}, err
 	}
 	return release, nil

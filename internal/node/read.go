@@ -285,9 +285,12 @@ func (n *Node) List(ctx context.Context, opts ListOptions, o Origin) (res ListRe
 		reply, err = n.cfg.Peers.List(ctx, to, transport.List{From: n.cfg.Self, Prefix: opts.Prefix, After: opts.After, Limit: opts.Limit, SeenEpoch: seen})
 		return err
 	}, func() (err error) {
-		epoch, _ := n.cfg.Leadership.WriteGate()
-		res, err = n.listAtLeader(ctx, epoch, opts)
 		served = true
+		epoch, open := n.cfg.Leadership.WriteGate()
+		if !open {
+			return fmt.Errorf("%w: leadership moved while the listing waited; retry", ErrNoLeader)
+		}
+		res, err = n.listAtLeader(ctx, epoch, opts)
 		return err
 	})
 	if err != nil || served {

@@ -53,9 +53,15 @@ type termProgress struct {
 	plan    *catchUpPlan
 	ready   []bool
 	pending int
-	// pulling holds, per partition being pulled, a channel closed when the
-	// pull ends (well or not).
-	pulling map[int]chan struct{}
+	// pulling holds the pulls under way, by partition.
+	pulling map[int]*pullState
+}
+
+// pullState is one pull of a partition: done is closed when it ends, with
+// err set.
+type pullState struct {
+	done chan struct{}
+	err  error
 }
 
 // catchUpPlan is one fence round: the term's envelope and, per partition,
@@ -69,6 +75,12 @@ type catchUpPlan struct {
 // catch-up if not.
 func (g *termGate) open(epoch uint64) bool {
 	if g.fenced.Load() == epoch {
+		if g.caughtUp.Load() != epoch {
+			// The background stops when the elector's gate closes; the
+			// gate can open again in the same term (a renewal that landed
+			// late), and the partitions left must still be pulled.
+			g.start(epoch)
+		}
 		return true
 	}
 	g.start(epoch)
@@ -91,7 +103,7 @@ func (g *termGate) start(epoch uint64) {
 // with ErrNotCaughtUp (nothing applied: the caller may retry) when the
 // pull fails, ctx ends or the term is not this node's.
 func (g *termGate) await(ctx context.Context, epoch uint64, key string) error {
-	if g.caughtUp.Load() == epoch {
+	if epoch != 0 && g.caughtUp.Load() == epoch {
 		return nil
 	}
 	tp := g.progress.Load()
@@ -109,7 +121,7 @@ func (g *termGate) await(ctx context.Context, epoch uint64, key string) error {
 // awaitAll returns once every partition of term epoch is pulled, or fails
 // with ErrNotCaughtUp when ctx ends first or the term is not this node's.
 func (g *termGate) awaitAll(ctx context.Context, epoch uint64) error {
-	if g.caughtUp.Load() == epoch {
+	if epoch != 0 && g.caughtUp.Load() == epoch {
 		return nil
 	}
 	tp := g.progress.Load()
@@ -119,45 +131,59 @@ func (g *termGate) awaitAll(ctx context.Context, epoch uint64) error {
 	select {
 	case <-tp.all:
 		return nil
+	case <-g.c.ctx.Done():
+		return fmt.Errorf("%w: shutting down while pulling %d partitions from earlier terms", ErrNotCaughtUp, tp.left())
 	case <-ctx.Done():
 		return fmt.Errorf("%w: still pulling %d partitions from earlier terms: %v", ErrNotCaughtUp, tp.left(), ctx.Err())
 	}
 }
 
 // pull brings partition p level with the members of the current plan that
-// differ on it, unless it is already, or joins a pull of it under way.
+// differ on it, unless it is already, starting a pull or joining the one
+// under way. The pull runs on the cluster's context with its own deadline,
+// not on the caller's: a caller that gives up (a client's short deadline)
+// does not abort it for the others waiting, and Close stops it.
 func (g *termGate) pull(ctx context.Context, tp *termProgress, p int) error {
-	for {
-		tp.mu.Lock()
-		if tp.ready[p] {
-			tp.mu.Unlock()
-			return nil
-		}
-		if done, busy := tp.pulling[p]; busy {
-			tp.mu.Unlock()
-			select {
-			case <-done:
-				continue // it may have failed; then this caller tries
-			case <-ctx.Done():
-				return ctx.Err()
-			}
-		}
-		done := make(chan struct{})
-		tp.pulling[p] = done
-		plan := tp.plan
+	tp.mu.Lock()
+	if tp.ready[p] {
 		tp.mu.Unlock()
-
-		n, err := g.pullFrom(ctx, plan, p)
-		g.c.m.catchUpKeys.Add(float64(n))
-		tp.mu.Lock()
-		delete(tp.pulling, p)
-		if err == nil {
-			tp.markReady(p)
-		}
-		close(done)
-		tp.mu.Unlock()
-		return err
+		return nil
 	}
+	st, busy := tp.pulling[p]
+	if !busy {
+		st = &pullState{done: make(chan struct{})}
+		if !g.c.spawn(func() { g.runPull(tp, p, st) }) {
+			tp.mu.Unlock()
+			return fmt.Errorf("%w: shutting down", ErrNotCaughtUp)
+		}
+		tp.pulling[p] = st
+	}
+	tp.mu.Unlock()
+	select {
+	case <-st.done:
+		return st.err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// runPull is one pull of partition p under the current plan.
+func (g *termGate) runPull(tp *termProgress, p int, st *pullState) {
+	ctx, cancel := context.WithTimeout(g.c.ctx, 30*time.Second)
+	defer cancel()
+	tp.mu.Lock()
+	plan := tp.plan
+	tp.mu.Unlock()
+	n, err := g.pullFrom(ctx, plan, p)
+	g.c.m.catchUpKeys.Add(float64(n))
+	tp.mu.Lock()
+	defer tp.mu.Unlock()
+	delete(tp.pulling, p)
+	if err == nil {
+		tp.markReady(p)
+	}
+	st.err = err
+	close(st.done)
 }
 
 // pullFrom pulls what each source of partition p in plan holds newer. A
@@ -203,7 +229,13 @@ func (g *termGate) run(epoch uint64) {
 	c := g.c
 	start := time.Now()
 	backoff := wait.Backoff{Duration: 100 * time.Millisecond, Factor: 2, Jitter: 0.5, Steps: math.MaxInt32, Cap: 2 * time.Second}
+	// A run restarted in the same term (see open) continues its progress:
+	// a new one would strand the waiters on the old one, and forgetting
+	// the in-flight keys again would drop this term's own writes.
 	var tp *termProgress
+	if cur := g.progress.Load(); cur != nil && cur.epoch == epoch {
+		tp = cur
+	}
 	for attempt := 1; c.leads(epoch); attempt++ {
 		err := g.once(epoch, &tp, start)
 		if err == nil {
@@ -254,16 +286,13 @@ func (g *termGate) once(epoch uint64, tp **termProgress, start time.Time) error 
 	} else {
 		(*tp).replan(plan)
 	}
-	// Each partition has its own deadline: the whole store may take longer
-	// than any one bound, and a pass that fails keeps what it pulled.
+	// Each pull has its own deadline (runPull): the whole store may take
+	// longer than any one bound, and a pass that fails keeps what it pulled.
 	for p := range c.cfg.Ring.PartitionCount() {
 		if !c.leads(epoch) {
 			return fmt.Errorf("term %d ended with %d partitions left to pull", epoch, (*tp).left())
 		}
-		pctx, cancel := context.WithTimeout(c.ctx, 30*time.Second)
-		err := g.pull(pctx, *tp, p)
-		cancel()
-		if err != nil {
+		if err := g.pull(c.ctx, *tp, p); err != nil {
 			return err
 		}
 	}
@@ -271,7 +300,7 @@ func (g *termGate) once(epoch uint64, tp **termProgress, start time.Time) error 
 }
 
 func newTermProgress(epoch uint64, plan *catchUpPlan) *termProgress {
-	tp := &termProgress{epoch: epoch, all: make(chan struct{}), plan: plan, ready: make([]bool, len(plan.sources)), pending: len(plan.sources), pulling: map[int]chan struct{}{}}
+	tp := &termProgress{epoch: epoch, all: make(chan struct{}), plan: plan, ready: make([]bool, len(plan.sources)), pending: len(plan.sources), pulling: map[int]*pullState{}}
 	for p, from := range plan.sources {
 		if len(from) == 0 {
 			tp.markReady(p)

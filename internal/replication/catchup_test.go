@@ -155,3 +155,45 @@ func TestCatchUp_PullFails_ReplannedWithoutClosingTheGate(t *testing.T) {
 		}
 	})
 }
+
+// The elector's gate can close and open again within one term (a renewal
+// that lands late). The background catch-up stops while it is closed; once
+// it opens again the partitions left are still pulled, so listings do not
+// wait for the rest of the term.
+func TestCatchUp_GateClosesAndReopensInTheTerm_CatchUpStillFinishes(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		nodes := newTestCluster(t, 3, 2)
+		awaitGate(t, nodes[0])
+		var entries []storage.Entry
+		for i := range 500 {
+			entries = append(entries, storage.Entry{Key: fmt.Sprintf("k%04d", i), Value: []byte("1"), Version: storage.Version{Epoch: 1, Seq: uint64(i + 1)}})
+		}
+		if _, err := nodes[1].db.ApplyReplicated(context.Background(), 1, entries); err != nil {
+			t.Fatal(err)
+		}
+		nodes[0].down.Store(true)
+		nodes[2].setFault(func(c transport.Call) transport.Fault {
+			if c.From == "node-3" && c.Path == transport.EntriesPath {
+				return transport.Fault{Delay: 100 * time.Millisecond}
+			}
+			return transport.Fault{}
+		})
+		elect(nodes, "node-3", 2)
+		leader := nodes[2]
+		awaitGate(t, leader)
+		time.Sleep(time.Second) // a few partitions pulled, most not
+		// The gate closes (someone else holds the Lease for a moment) and
+		// opens again in the same term.
+		leader.lead.set("node-2", 2)
+		time.Sleep(time.Second)
+		synctest.Wait()
+		leader.lead.set("node-3", 2)
+		nodes[2].setFault(nil)
+		awaitCaughtUp(t, leader)
+		for _, e := range entries {
+			if got, found, err := leader.db.Lookup(e.Key); err != nil || !found || got.Version != e.Version {
+				t.Fatalf("after catch-up %q: %v %v %s, want %s", e.Key, err, found, got.Version, e.Version)
+			}
+		}
+	})
+}

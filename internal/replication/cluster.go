@@ -273,6 +273,19 @@ func (c *Cluster) Close() error {
 	return nil
 }
 
+// spawn runs f on the cluster's wait group unless Close has begun, and
+// reports whether it did. Close cancels under gate.mu, so nothing is added
+// to the group once its Wait may have begun.
+func (c *Cluster) spawn(f func()) bool {
+	c.gate.mu.Lock()
+	defer c.gate.mu.Unlock()
+	if c.ctx.Err() != nil {
+		return false
+	}
+	c.wg.Go(f)
+	return true
+}
+
 // leads reports whether the elector's gate is open for term epoch.
 func (c *Cluster) leads(epoch uint64) bool {
 	e, open := c.cfg.Leadership.WriteGate()
@@ -411,7 +424,9 @@ func (c *Cluster) Write(ctx context.Context, epoch uint64, ack AckLevel, key str
 		// the entry commits after all, so a strong read never returns a
 		// version a crash of this node could take back: keep offering it
 		// to the followers as their queues drain.
-		c.wg.Go(func() { c.keepOffering(epoch, key, p, targets, fallback, release) })
+		if !c.spawn(func() { c.keepOffering(epoch, key, p, targets, fallback, release) }) {
+			release() // closing: the next term starts with a new set anyway
+		}
 		return res, subErr
 	}
 	if ack != AckAll {

@@ -41,8 +41,12 @@ func (c *Cluster) authority(ctx context.Context, req transport.Sync) (envelope, 
 		}
 		return env, nil
 	}
+	// A follower's repair (no envelope) takes this node's copy as the
+	// truth, so only a leader that has pulled every partition answers it:
+	// one still catching up would tell an owner that missed a write that
+	// nothing is newer, and it would not look again for a minute.
 	epoch, open := c.WriteGate()
-	if !open {
+	if !open || c.gate.caughtUp.Load() != epoch {
 		return envelope{}, fmt.Errorf("%w: %s is not a caught-up leader", ErrNotCaughtUp, c.cfg.Self)
 	}
 	return envelope{Epoch: epoch, Leader: c.cfg.Self}, nil

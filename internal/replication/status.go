@@ -51,7 +51,7 @@ func (c *Cluster) Status() Status {
 		LastContactMs:     min(c.LastContact(), 365*24*time.Hour).Milliseconds(),
 		Behind:            c.repl.Behind(),
 	}
-	if tp := c.gate.progress.Load(); tp != nil && tp.epoch == c.gate.fenced.Load() && st.CaughtUpEpoch != tp.epoch {
+	if tp := c.gate.progress.Load(); tp != nil && tp.epoch == c.gate.fenced.Load() && st.CaughtUpEpoch != tp.epoch && c.leads(tp.epoch) {
 		st.CatchingUpPartitions = tp.left()
 	}
 	if t := c.repair.lastPass(); !t.IsZero() {
