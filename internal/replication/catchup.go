@@ -212,6 +212,20 @@ func (tp *termProgress) markReady(p int) {
 	}
 }
 
+// pulled returns whether a partition holds, in term epoch, every write of
+// earlier terms (all of them once the term is caught up).
+func (g *termGate) pulled(epoch uint64) func(p int) bool {
+	tp := g.progress.Load()
+	if g.caughtUp.Load() == epoch || tp == nil || tp.epoch != epoch {
+		return func(int) bool { return true }
+	}
+	return func(p int) bool {
+		tp.mu.Lock()
+		defer tp.mu.Unlock()
+		return tp.ready[p]
+	}
+}
+
 // left counts the partitions not yet pulled.
 func (tp *termProgress) left() int {
 	tp.mu.Lock()

@@ -197,3 +197,44 @@ func TestCatchUp_GateClosesAndReopensInTheTerm_CatchUpStillFinishes(t *testing.T
 		}
 	})
 }
+
+// A leader that hands off before its catch-up has finished pushes only the
+// partitions it has pulled: the others hold no write of its term, and where
+// they differ it is what this leader lacks, so pushing them would resend
+// its older copy for every round of the hand-off and never settle.
+func TestHandOff_BeforeCatchUpEnds_SkipsPartitionsNotPulled(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		nodes := newTestCluster(t, 3, 2)
+		awaitGate(t, nodes[0])
+		var entries []storage.Entry
+		for i := range 500 {
+			entries = append(entries, storage.Entry{Key: fmt.Sprintf("k%04d", i), Value: []byte("1"), Version: storage.Version{Epoch: 1, Seq: uint64(i + 1)}})
+		}
+		if _, err := nodes[1].db.ApplyReplicated(context.Background(), 1, entries); err != nil {
+			t.Fatal(err)
+		}
+		nodes[0].down.Store(true)
+		nodes[2].setFault(func(c transport.Call) transport.Fault {
+			if c.From == "node-3" && c.Path == transport.EntriesPath {
+				return transport.Fault{Delay: time.Hour} // the pulls never end
+			}
+			return transport.Fault{}
+		})
+		elect(nodes, "node-3", 2)
+		leader := nodes[2]
+		awaitGate(t, leader)
+		k := entries[42]
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		start := time.Now()
+		if err := leader.c.HandOff(ctx); err != nil {
+			t.Fatalf("hand-off with partitions not pulled: %v", err)
+		}
+		if took := time.Since(start); took > 10*time.Second {
+			t.Fatalf("hand-off took %s", took)
+		}
+		if got, found, err := nodes[1].db.Lookup(k.Key); err != nil || !found || got.Version != k.Version {
+			t.Fatalf("node-2's copy of %q after the hand-off: %v %v %s, want %s", k.Key, err, found, got.Version, k.Version)
+		}
+	})
+}

@@ -15,8 +15,12 @@ import (
 // leader then finds every write this one accepted on the remaining members,
 // even a write acknowledged with ack=leader, and even when this node is
 // leaving the member set (a scale-down). Members that do not answer are
-// skipped: the next leader's catch-up tolerates one missing member. It
-// returns when the reachable members match or ctx ends.
+// skipped: the next leader's catch-up tolerates one missing member.
+// Partitions this term has not pulled yet are skipped too: no write of this
+// term reached them (writes wait for the pull), so where they differ it is
+// what this node lacks, and pushing them would only resend this node's
+// older copy, round after round. It returns when the reachable members
+// match or ctx ends.
 func (c *Cluster) HandOff(ctx context.Context) error { return handOff{c}.run(ctx) }
 
 // handOff is a leaving leader's push of what the members lack.
@@ -71,7 +75,8 @@ func (h handOff) pushTo(ctx context.Context, id string, env envelope) (int, erro
 	if err != nil {
 		return 0, err
 	}
-	parts, err := differing(c.cfg.Local.Digests(), reply.Digests, func(p int) bool { return c.isOwner(id, p) })
+	pulled := c.gate.pulled(env.Epoch)
+	parts, err := differing(c.cfg.Local.Digests(), reply.Digests, func(p int) bool { return c.isOwner(id, p) && pulled(p) })
 	if err != nil || len(parts) == 0 {
 		return 0, err
 	}
