@@ -39,7 +39,7 @@ rss() { # node → RSS in MiB
 file() { # node → file size in MiB
 	echo $(( $(stat -c %s ".cluster/data/$1/store.db") >> 20 ))
 }
-declare -A mid
+mid=() # each file's size at the soak's half-way mark, once taken
 row() { # label
 	local line="| $1 |"
 	for i in 1 2 3; do
@@ -70,16 +70,16 @@ while kill -0 "$load" 2>/dev/null; do
 	sleep "$sample"
 	kill -0 "$load" 2>/dev/null || break
 	row "soak +$(( $(date +%s) - start ))s"
-	if [[ ${#mid[@]} -eq 0 && $(( $(date +%s) - start )) -ge $(( soak_s / 2 )) ]]; then
-		for i in 1 2 3; do mid[$i]=$(file "store-$i"); done
+	if [[ -z ${mid[*]:-} && $(( $(date +%s) - start )) -ge $(( soak_s / 2 )) ]]; then
+		mid=("$(file store-1)" "$(file store-2)" "$(file store-3)")
 	fi
 done
 wait "$load"
 row "after the soak"
 echo
 echo "soak load: $(sed -n 's/.*"throughput_rps": *\([0-9.]*\).*/\1/p' .cluster/soak.json | head -1) ok/s; status codes: $(tr -d '\n ' < .cluster/soak.json | sed -n 's/.*"status_codes":\({[^}]*}\).*/\1/p')"
-if [[ ${#mid[@]} -gt 0 ]]; then
+if [[ -n ${mid[*]:-} ]]; then
 	line="file growth over the soak's second half:"
-	for i in 1 2 3; do line+=" store-$i $(( $(file "store-$i") - mid[$i] )) MiB;"; done
+	for i in 1 2 3; do line+=" store-$i $(( $(file "store-$i") - mid[i-1] )) MiB;"; done
 	echo "$line"
 fi
