@@ -28,27 +28,9 @@ func TestCatchUp_100kKeys_CrashGapWithin1sOfThe1kGap(t *testing.T) {
 		c.prefill(loaded, upTo)
 		loaded = upTo
 	}
-	// gap kills the leader under a steady writer through the others and
-	// returns the longest time between two acknowledged writes, then
-	// restarts it and waits until it has repaired (so that every write is on
-	// two members again before the next kill).
 	gap := func() time.Duration {
 		t.Helper()
-		leader := c.leader(lease + 10*retry + 10*time.Second)
-		others := c.except(leader)
-		c.awaitLeaderKnown(leader, others...)
-		w := c.startWriter(func() []string { return others })
-		waitFor(t, 30*time.Second, "steady writes", func() bool { return w.count() >= 20 })
-		at := time.Now()
-		p := c.nodes[leader]
-		if err := p.cmd.Process.Signal(syscall.SIGKILL); err != nil {
-			t.Fatal(err)
-		}
-		<-p.done
-		n := w.count()
-		waitFor(t, lease+30*time.Second, "writes after the crash", func() bool { return w.count() >= n+20 })
-		g := longestGap(w.halt(), at)
-		successor := c.leader(10*time.Second, others...)
+		g, leader, successor := c.handoverGap(syscall.SIGKILL, lease, retry)
 		st, _ := c.status(successor)
 		t.Logf("SIGKILL of %s at %d keys: gap %s; %s had %d partitions left to pull after it", leader, loaded, g.Round(time.Millisecond), successor, st.Replication.CatchingUpPartitions)
 		c.restartRepaired(leader, successor)
@@ -105,4 +87,27 @@ func (c *cluster) restartRepaired(id, leader string) {
 		ok, _ := c.queuesEmpty(leader)
 		return ok
 	})
+}
+
+// handoverGap stops the leader with sig under a steady writer through the
+// others and returns the longest time between two acknowledged writes from
+// the signal on, the stopped leader and its successor. The caller restarts
+// the stopped node (restartRepaired).
+func (c *cluster) handoverGap(sig syscall.Signal, lease, retry time.Duration) (gap time.Duration, leader, successor string) {
+	c.t.Helper()
+	leader = c.leader(lease + 10*retry + 10*time.Second)
+	others := c.except(leader)
+	c.awaitLeaderKnown(leader, others...)
+	w := c.startWriter(func() []string { return others })
+	waitFor(c.t, 30*time.Second, "steady writes", func() bool { return w.count() >= 20 })
+	at := time.Now()
+	p := c.nodes[leader]
+	if err := p.cmd.Process.Signal(sig); err != nil {
+		c.t.Fatal(err)
+	}
+	<-p.done
+	n := w.count()
+	waitFor(c.t, lease+3*retry+30*time.Second, "writes after the handover", func() bool { return w.count() >= n+20 })
+	gap = longestGap(w.halt(), at)
+	return gap, leader, c.leader(10*time.Second, others...)
 }

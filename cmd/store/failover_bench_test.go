@@ -56,21 +56,8 @@ func failoverRounds(t *testing.T, keys int, lease, retry time.Duration) []string
 		c.prefill(0, keys)
 	}
 	measure := func(sig syscall.Signal) time.Duration {
-		leader := c.leader(lease + 3*retry + 10*time.Second)
-		others := c.except(leader)
-		c.awaitLeaderKnown(leader, others...)
-		w := c.startWriter(func() []string { return others })
-		waitFor(t, 30*time.Second, "steady writes", func() bool { return w.count() >= 20 })
-		at := time.Now()
-		p := c.nodes[leader]
-		if err := p.cmd.Process.Signal(sig); err != nil {
-			t.Fatal(err)
-		}
-		<-p.done
-		n := w.count()
-		waitFor(t, lease+3*retry+30*time.Second, "writes after the handoff", func() bool { return w.count() >= n+20 })
-		gap := longestGap(w.halt(), at)
-		c.restartRepaired(leader, c.leader(10*time.Second, others...))
+		gap, leader, successor := c.handoverGap(sig, lease, retry)
+		c.restartRepaired(leader, successor)
 		return gap
 	}
 	row := func(name string, gaps []time.Duration, mark time.Duration) string {

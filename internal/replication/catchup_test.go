@@ -121,16 +121,8 @@ func TestCatchUp_PullFails_ReplannedWithoutClosingTheGate(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		nodes := newTestCluster(t, 3, 2)
 		awaitGate(t, nodes[0])
-		var entries []storage.Entry
-		for i := range 500 {
-			entries = append(entries, storage.Entry{Key: fmt.Sprintf("k%04d", i), Value: []byte("1"), Version: storage.Version{Epoch: 1, Seq: uint64(i + 1)}})
-		}
 		// node-1 and node-2 both hold them, as a quorum write leaves them.
-		for _, nd := range nodes[:2] {
-			if _, err := nd.db.ApplyReplicated(context.Background(), 1, entries); err != nil {
-				t.Fatal(err)
-			}
-		}
+		entries := seedTerm1(t, 500, nodes[0], nodes[1])
 		// The new leader hears both in the fence round, but node-2 fails
 		// its first pulls: the next round must do without it.
 		var failed int
@@ -164,13 +156,7 @@ func TestCatchUp_GateClosesAndReopensInTheTerm_CatchUpStillFinishes(t *testing.T
 	synctest.Test(t, func(t *testing.T) {
 		nodes := newTestCluster(t, 3, 2)
 		awaitGate(t, nodes[0])
-		var entries []storage.Entry
-		for i := range 500 {
-			entries = append(entries, storage.Entry{Key: fmt.Sprintf("k%04d", i), Value: []byte("1"), Version: storage.Version{Epoch: 1, Seq: uint64(i + 1)}})
-		}
-		if _, err := nodes[1].db.ApplyReplicated(context.Background(), 1, entries); err != nil {
-			t.Fatal(err)
-		}
+		entries := seedTerm1(t, 500, nodes[1])
 		nodes[0].down.Store(true)
 		nodes[2].setFault(func(c transport.Call) transport.Fault {
 			if c.From == "node-3" && c.Path == transport.EntriesPath {
@@ -206,13 +192,7 @@ func TestHandOff_BeforeCatchUpEnds_SkipsPartitionsNotPulled(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		nodes := newTestCluster(t, 3, 2)
 		awaitGate(t, nodes[0])
-		var entries []storage.Entry
-		for i := range 500 {
-			entries = append(entries, storage.Entry{Key: fmt.Sprintf("k%04d", i), Value: []byte("1"), Version: storage.Version{Epoch: 1, Seq: uint64(i + 1)}})
-		}
-		if _, err := nodes[1].db.ApplyReplicated(context.Background(), 1, entries); err != nil {
-			t.Fatal(err)
-		}
+		entries := seedTerm1(t, 500, nodes[1])
 		nodes[0].down.Store(true)
 		nodes[2].setFault(func(c transport.Call) transport.Fault {
 			if c.From == "node-3" && c.Path == transport.EntriesPath {
@@ -237,4 +217,21 @@ func TestHandOff_BeforeCatchUpEnds_SkipsPartitionsNotPulled(t *testing.T) {
 			t.Fatalf("node-2's copy of %q after the hand-off: %v %v %s, want %s", k.Key, err, found, got.Version, k.Version)
 		}
 	})
+}
+
+// seedTerm1 writes n keys k0000.. as replicated entries of term 1 into each
+// of nodes' stores, as an earlier leader's acknowledged writes leave them,
+// and returns them.
+func seedTerm1(t *testing.T, n int, nodes ...*testNode) []storage.Entry {
+	t.Helper()
+	var entries []storage.Entry
+	for i := range n {
+		entries = append(entries, storage.Entry{Key: fmt.Sprintf("k%04d", i), Value: []byte("1"), Version: storage.Version{Epoch: 1, Seq: uint64(i + 1)}})
+	}
+	for _, nd := range nodes {
+		if _, err := nd.db.ApplyReplicated(context.Background(), 1, entries); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return entries
 }
